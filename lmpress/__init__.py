@@ -1,0 +1,30 @@
+"""lmpress: compress Transformer language models (quantization, pruning, distillation, low-rank),
+measured honestly.
+
+Importing ``lmpress`` is cheap: the API below is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_model": "lmpress.io",
+    "save_model": "lmpress.io",
+    "evaluate": "lmpress.api",
+    "describe": "lmpress.api",
+    "DataConfig": "lmpress.data",
+    "walk_blocks": "lmpress.calib",
+    "LmpressError": "lmpress.errors",
+    "InputError": "lmpress.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'lmpress' has no attribute {name!r}")

@@ -1,0 +1,80 @@
+"""The Python API that the CLI calls: evaluate and describe models."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from . import arch
+from .data import DataConfig
+from .evaluate import as_dict, compare, peak_rss_bytes, perplexity, speed, tensor_bytes
+from .stats import param_counts
+
+
+def _bos(tokenizer) -> int | None:
+    return tokenizer.bos_token_id
+
+
+def evaluate(
+    model,
+    tokenizer,
+    *,
+    data: DataConfig | None = None,
+    stream=None,
+    context: int = 512,
+    reference=None,
+    measure_speed: bool = True,
+    model_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity, (KL and top-1 agreement against ``reference``), size, bits per weight, peak
+    memory, prefill and decode speed of ``model``; returns a flat dict of figures.
+    """
+    from .data import prepare
+    from .io import folder_bytes
+
+    if stream is None:
+        _, stream = prepare(tokenizer, data or DataConfig(), need_calib=False)
+    counts = param_counts(model)
+    res: dict = {"context": context}
+    ppl = perplexity(model, stream, context=context, bos=_bos(tokenizer), progress=progress)
+    res.update(perplexity=ppl.ppl, nll=ppl.nll, eval_tokens=ppl.tokens, eval_seconds=ppl.seconds)
+    if reference is not None:
+        agr = compare(model, reference, stream, context=context, bos=_bos(tokenizer), progress=progress)
+        res.update(kl=agr.kl, top1=agr.top1)
+    res.update(
+        params=counts.total,
+        params_embedding=counts.embedding,
+        params_linear=counts.linear,
+        linear_bits_per_weight=counts.linear_bits_per_weight,
+        tensor_bytes=tensor_bytes(model),
+        disk_bytes=folder_bytes(model_path) if model_path else None,
+    )
+    if measure_speed:
+        res.update(as_dict(speed(model)))
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    return res
+
+
+def describe(model) -> dict:
+    """Architecture, layer count, parameter split and the layers compression methods touch."""
+    spec = arch.spec_for(model)
+    counts = param_counts(model)
+    linears = arch.compressible_linears(model)
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    names = sorted({n.split(".", len(spec.blocks.split(".")) + 1)[-1] for n in linears})
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "blocks": f"{spec.blocks} x {len(arch.blocks(model))}",
+        "params": counts.total,
+        "params_embedding": counts.embedding,
+        "params_linear": counts.linear,
+        "params_head": counts.head,
+        "params_other": counts.other,
+        "dtype": ",".join(dtypes),
+        "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "compressible_linears": len(linears),
+        "linear_names": names,
+    }

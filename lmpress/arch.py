@@ -1,0 +1,139 @@
+"""Where things are in a Hugging Face decoder: blocks, linear layers, norms, embeddings.
+
+Architecture knowledge is data: one :class:`ArchSpec` per ``model_type``, and a generic fallback
+that finds the longest ``ModuleList`` of identical blocks holding linear layers. Linear layers are
+``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored transposed); :func:`linear_weight` and
+:func:`set_linear_weight` always use the (out_features, in_features) orientation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str  # dotted path of the ModuleList of decoder blocks
+    embed: str  # token embedding
+    final_norm: str | None
+    lm_head: str = "lm_head"
+    # (preceding op, linears it feeds) inside a block, for scale folding (AWQ, SmoothQuant):
+    scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
+
+
+_LLAMA_PAIRS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+_LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", scale_pairs=_LLAMA_PAIRS)
+SPECS: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma3_text": ArchSpec(
+        "model.layers",
+        "model.embed_tokens",
+        "model.norm",
+        scale_pairs=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("self_attn.v_proj", ("self_attn.o_proj",)),
+            ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ("mlp.up_proj", ("mlp.down_proj",)),
+        ),
+    ),
+    "gpt2": ArchSpec(
+        "transformer.h",
+        "transformer.wte",
+        "transformer.ln_f",
+        scale_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+    ),
+    "opt": ArchSpec(
+        "model.decoder.layers",
+        "model.decoder.embed_tokens",
+        "model.decoder.final_layer_norm",
+        scale_pairs=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("self_attn.v_proj", ("self_attn.out_proj",)),
+            ("final_layer_norm", ("fc1",)),
+        ),
+    ),
+}
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or hasattr(m, "lmpress_linear")
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the layer stores."""
+    if type(m).__name__ == "Conv1D":
+        return m.weight.t()
+    return m.weight
+
+
+def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
+    """Write ``w`` (out_features, in_features) into the layer in place."""
+    with torch.no_grad():
+        if type(m).__name__ == "Conv1D":
+            m.weight.copy_(w.t())
+        else:
+            m.weight.copy_(w)
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    """The known spec for this model type, or one inferred from the module tree."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype in SPECS:
+        return SPECS[mtype]
+    return _infer_spec(model)
+
+
+def _infer_spec(model: nn.Module) -> ArchSpec:
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            same = all(type(b) is type(m[0]) for b in m)
+            has_lin = any(is_linear(x) for x in m[0].modules())
+            if same and has_lin and (best is None or len(m) > len(best[1])):
+                best = (name, m)
+    if best is None:
+        raise InputError(f"cannot find the decoder blocks of {type(model).__name__}: no list of repeated blocks")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    return ArchSpec(best[0], names.get(id(emb), ""), None)
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(spec_for(model).blocks)
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers of one block, by name relative to the block, in module order."""
+    return {n: m for n, m in block.named_modules() if n and is_linear(m)}
+
+
+def compressible_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """All linear layers inside decoder blocks, by full name: what layer-wise methods touch."""
+    spec = spec_for(model)
+    out = {}
+    for i, b in enumerate(blocks(model)):
+        for n, m in block_linears(b).items():
+            out[f"{spec.blocks}.{i}.{n}"] = m
+    return out

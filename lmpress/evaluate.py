@@ -1,0 +1,191 @@
+"""Honest measurements: perplexity, KL to a reference model, zero-shot multiple choice, size, memory, speed.
+
+Perplexity protocol (``perplexity``): the evaluation token stream is cut into non-overlapping
+windows of ``context - 1`` text tokens; each window is prefixed with the BOS token (when the
+tokenizer has one) and every text token of the window is predicted, the first one from BOS alone.
+Perplexity is ``exp`` of the mean negative log-likelihood over all predicted tokens (token-level).
+A trailing partial window is dropped. With ``stride < context - 1`` windows overlap and only the
+last ``stride`` tokens of each window after the first are scored (sliding-window evaluation).
+
+KL (``compare``): on the same windows, the mean over predicted tokens of
+``KL(p_reference || p_model)`` in nats, and the fraction of tokens where the two models' argmax
+agree (top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .progress import bar
+
+LOGIT_BYTES = 256 << 20  # logits held at once, bounds the batch of windows
+
+
+def windows(stream: torch.Tensor, context: int, bos: int | None, stride: int | None = None):
+    """``(ids (W, context), score_from)``: token windows and the first scored position per window."""
+    body = context - (bos is not None)
+    stride = stride or body
+    rows, starts = [], []
+    for i, s in enumerate(range(0, len(stream) - body + 1, stride)):
+        rows.append(stream[s : s + body])
+        starts.append(0 if i == 0 else body - stride)
+    if not rows:
+        raise ValueError(f"the evaluation stream has {len(stream)} tokens, fewer than one window of {body}")
+    ids = torch.stack(rows)  # (W, body)
+    if bos is not None:
+        ids = torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), ids], dim=1)  # (W, context)
+    return ids, starts
+
+
+def _batches(model, ids: torch.Tensor, progress: bool, desc: str):
+    """Yield ``(start_row, log_probs (b, T, V) float32)`` for batches of windows."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_row = ids.shape[1] * vocab * 4 * 2
+    b = max(1, min(len(ids), LOGIT_BYTES // per_row))
+    for s in bar(range(0, len(ids), b), desc=desc, enabled=progress):
+        with torch.inference_mode():
+            logits = model(ids[s : s + b], use_cache=False).logits
+            yield s, torch.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float
+    tokens: int
+    seconds: float
+
+
+def perplexity(model, stream, *, context=512, bos=None, stride=None, progress=False) -> Perplexity:
+    """Token-level perplexity of ``model`` on ``stream`` (1-D token ids), protocol in module doc."""
+    ids, starts = windows(stream, context, bos, stride)
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    for s, logp in _batches(model, ids, progress, "perplexity"):
+        for j in range(logp.shape[0]):
+            lp, row, first = logp[j, :-1], ids[s + j, 1:], starts[s + j]
+            nll = -lp.gather(-1, row[:, None])[first:, 0]  # (scored,)
+            total += nll.double().sum().item()
+            count += nll.numel()
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, count, time.perf_counter() - t0)
+
+
+@dataclass
+class Agreement:
+    kl: float  # mean KL(reference || model), nats per token
+    top1: float  # fraction of tokens with the same argmax
+    tokens: int
+
+
+def compare(model, reference, stream, *, context=512, bos=None, progress=False) -> Agreement:
+    """Per-token KL divergence and top-1 agreement of ``model`` against ``reference``."""
+    ids, _ = windows(stream, context, bos)
+    kl_sum, agree, count = 0.0, 0, 0
+    ref_iter = _batches(reference, ids, False, "")
+    for (_, lp), (_, lq) in zip(_batches(model, ids, progress, "KL"), ref_iter):
+        lp, lq = lp[:, :-1], lq[:, :-1]  # (b, T-1, V): predictions of the text tokens
+        kl = (lq.exp() * (lq - lp)).sum(-1)  # (b, T-1)
+        kl_sum += kl.double().sum().item()
+        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        count += kl.numel()
+    return Agreement(kl_sum / count, agree / count, count)
+
+
+# ---- multiple choice -----------------------------------------------------------------------
+
+
+@dataclass
+class MCResult:
+    acc: float  # argmax of summed log-likelihood
+    acc_norm: float  # argmax of log-likelihood per character of the choice
+    items: int
+
+
+def choice_loglik(model, tokenizer, prompt: str, choice: str) -> float:
+    """log p(choice | prompt), summed over the choice's tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), -1)
+    tgt = ids[0, len(p) :]
+    return logp[len(p) - 1 :].gather(-1, tgt[:, None]).sum().item()
+
+
+def multiple_choice(model, tokenizer, items, *, progress=False) -> MCResult:
+    """Zero-shot accuracy. ``items``: dicts with ``prompt``, ``choices`` (list[str]), ``answer`` (int)."""
+    hits = hits_norm = 0
+    for it in bar(items, desc="multiple choice", enabled=progress):
+        ll = [choice_loglik(model, tokenizer, it["prompt"], " " + c.strip()) for c in it["choices"]]
+        norm = [v / max(1, len(c.strip()) + 1) for v, c in zip(ll, it["choices"])]
+        hits += int(max(range(len(ll)), key=ll.__getitem__) == it["answer"])
+        hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == it["answer"])
+    n = len(items)
+    return MCResult(hits / n, hits_norm / n, n)
+
+
+# ---- size, memory, speed -------------------------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of all parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class Speed:
+    prefill_tps: float  # prompt tokens per second, batch 1
+    decode_tps: float  # generated tokens per second, batch 1, greedy with a KV cache
+    prompt_tokens: int
+    new_tokens: int
+
+
+def speed(model, *, prompt_tokens=256, new_tokens=32, repeats=3, vocab_hi=None) -> Speed:
+    """Batch-1 prefill and decode throughput; the best of ``repeats`` runs (noisy machines)."""
+    vocab = vocab_hi or model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
+    best_p = best_d = float("inf")
+    for _ in range(repeats):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(prompt, use_cache=True)
+            t1 = time.perf_counter()
+            cache, tok = _cache(out), out.logits[:, -1:].argmax(-1)
+            for _ in range(new_tokens):
+                out = model(tok, cache=cache, use_cache=True)
+                cache, tok = _cache(out), out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+        best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+    return Speed(prompt_tokens / best_p, new_tokens / best_d, prompt_tokens, new_tokens)
+
+
+def _cache(out):
+    """The KV cache of a forward's output (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def as_dict(*results) -> dict:
+    out = {}
+    for r in results:
+        out.update(asdict(r))
+    return out

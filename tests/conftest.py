@@ -1,0 +1,31 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def llama():
+    from tiny import tiny_model
+
+    return tiny_model("llama")
+
+
+class ByteTokenizer:
+    """A minimal tokenizer for tests: one token per byte, BOS = 1 (ids 0-2 reserved)."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = [3 + (b % 253) for b in text.encode()]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+@pytest.fixture
+def byte_tok():
+    return ByteTokenizer()

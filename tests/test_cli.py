@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+
+def test_import_is_cheap_and_silent():
+    code = "import sys, lmpress; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""
+
+
+def test_cli_error_is_one_line_not_a_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lmpress.cli", "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "no such model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_info_on_a_saved_model(tmp_path):
+    from tiny import tiny_model
+
+    from lmpress.io import save_model
+
+    save_model(tiny_model("llama"), tmp_path / "m", tokenizer=_tok(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "lmpress.cli", "info", str(tmp_path / "m")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "LlamaForCausalLM" in res.stdout and "compressible_linears" in res.stdout
+
+
+def _tok(tmp_path):
+    """A real (tiny) fast tokenizer built in-process: word-level over a small vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(200)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -1,0 +1,77 @@
+import math
+
+import torch
+from tiny import tiny_model
+
+from lmpress import evaluate as ev
+
+
+def test_windows_protocol():
+    stream = torch.arange(10, 40)
+    ids, starts = ev.windows(stream, context=8, bos=1)
+    assert ids.shape == (4, 8) and (ids[:, 0] == 1).all()
+    assert torch.equal(ids[1, 1:], torch.arange(17, 24)) and starts == [0, 0, 0, 0]
+    ids, starts = ev.windows(stream, context=8, bos=None, stride=4)
+    assert starts[0] == 0 and starts[1] == 4
+
+
+def _trained_bigram_model():
+    """A tiny model that has learned a fixed cyclic sequence, so perplexity has meaning."""
+    model = tiny_model("llama").train()
+    seq = torch.tensor([[1] + [3 + (i * 5) % 17 for i in range(31)]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = model(seq, labels=seq, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), seq[0, 1:]
+
+
+def test_perplexity_lower_on_own_greedy_continuation_than_shuffled():
+    model, _ = _trained_bigram_model()
+    prompt = torch.tensor([[1, 3]])
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=63, do_sample=False, pad_token_id=0)[0, 1:]
+    shuffled = greedy[torch.randperm(len(greedy), generator=torch.Generator().manual_seed(0))]
+    p_own = ev.perplexity(model, greedy, context=32, bos=1)
+    p_shuf = ev.perplexity(model, shuffled, context=32, bos=1)
+    assert p_own.tokens == p_shuf.tokens == 62
+    assert p_own.ppl < p_shuf.ppl / 2
+
+
+def test_perplexity_matches_hf_loss():
+    model = tiny_model("llama")
+    stream = torch.randint(3, 256, (63,), generator=torch.Generator().manual_seed(0))
+    res = ev.perplexity(model, stream, context=64, bos=1)
+    ids = torch.cat([torch.tensor([1]), stream])[None]
+    with torch.no_grad():
+        loss = model(ids, labels=ids, use_cache=False).loss.item()
+    assert math.isclose(res.nll, loss, rel_tol=1e-5)
+
+
+def test_kl_zero_against_itself_and_positive_against_other():
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    stream = torch.randint(3, 256, (90,), generator=torch.Generator().manual_seed(0))
+    same = ev.compare(a, a, stream, context=32, bos=1)
+    assert abs(same.kl) < 1e-6 and same.top1 == 1.0
+    other = ev.compare(a, b, stream, context=32, bos=1)
+    assert other.kl > 1e-3 and other.top1 < 1.0
+
+
+def test_multiple_choice_prefers_learned_continuation(byte_tok):
+    model = tiny_model("llama")
+    items = [{"prompt": "abc", "choices": ["x", "y"], "answer": 0}]
+    la = ev.choice_loglik(model, byte_tok, "abc", " x")
+    lb = ev.choice_loglik(model, byte_tok, "abc", " y")
+    res = ev.multiple_choice(model, byte_tok, items)
+    assert res.items == 1 and res.acc == float(la > lb)
+
+
+def test_speed_and_sizes_are_positive():
+    model = tiny_model("llama")
+    sp = ev.speed(model, prompt_tokens=16, new_tokens=4, repeats=1)
+    assert sp.prefill_tps > 0 and sp.decode_tps > 0
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert ev.tensor_bytes(model) == 4 * params + buffers
