@@ -78,3 +78,66 @@ def describe(model) -> dict:
         "compressible_linears": len(linears),
         "linear_names": names,
     }
+
+
+def compress(
+    recipe: list,
+    model=None,
+    tokenizer=None,
+    *,
+    model_spec=None,
+    data: DataConfig | None = None,
+    out=None,
+    overwrite: bool = False,
+    measure: bool = True,
+    measure_speed: bool = True,
+    context: int = 512,
+    progress: bool = True,
+) -> dict:
+    """Apply ``recipe`` (a list of method configs) to a copy of the model, save it to ``out`` and
+    measure the original and the compressed model side by side. Returns ``{"before": {...},
+    "after": {...}, "methods": [...]}``. The input model is never modified.
+    """
+    import copy
+
+    from . import recipe as rc
+    from .data import prepare
+    from .io import load_model
+
+    if not recipe:
+        from .errors import InputError
+
+        raise InputError("empty recipe: give --method or --recipe")
+    if model is None:
+        model, tokenizer = load_model(model_spec)
+    data = data or DataConfig()
+    calib_needed = any(rc.needs_calibration(c) for c in recipe)
+    calib, stream = prepare(tokenizer, data, need_calib=calib_needed, need_eval=measure)
+    student = copy.deepcopy(model)
+    ctx = rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=model, data=data, progress=progress)
+    steps = []
+    for cfg in recipe:
+        t0 = time.perf_counter()
+        info = rc.apply(student, cfg, ctx)
+        steps.append({**rc.to_dict(cfg), "seconds": time.perf_counter() - t0, "info": info})
+    saved = None
+    if out is not None:
+        from .formats import save_compressed
+
+        saved = save_compressed(student, out, recipe=[rc.to_dict(c) for c in recipe], tokenizer=tokenizer, overwrite=overwrite)
+    res = {"methods": steps, "output": str(saved) if saved else None}
+    if measure:
+        kw = dict(stream=stream, context=context, measure_speed=measure_speed, progress=progress)
+        res["before"] = evaluate(model, tokenizer, model_path=_path_of(model_spec), **kw)
+        res["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
+    res["model"] = student
+    return res
+
+
+def _path_of(spec):
+    from .io import resolve_model_path
+
+    try:
+        return resolve_model_path(spec)
+    except Exception:
+        return None

@@ -32,7 +32,35 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, parameter split, and the layers compression touches")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("fetch", help="download the built-in model and corpus into the cache now")
+    sub.add_parser("fetch", help="download the built-in model and corpus now")
+    p = sub.add_parser("compress", help="compress a model with a method or a recipe, save it, compare before/after")
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--method", help="rtn, gptq, awq, magnitude, wanda, sparsegpt, prune-width, prune-depth, svd, asvd, svd-llm, dsformer")
+    p.add_argument("--recipe", help="a YAML recipe: a list of method configs applied in order")
+    p.add_argument("-o", "--output", help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration rows (default 128)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration row (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="do not measure before/after")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-' for stdout)")
+    g = p.add_argument_group("method options (each applies to the methods that have it)")
+    g.add_argument("--bits", type=int)
+    g.add_argument("--group-size", type=int, help="quantization group size (columns per scale); -1 per channel")
+    g.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid")
+    g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (with zero points)")
+    g.add_argument("--act-order", action="store_true", default=None, help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--ternary", action="store_true", default=None, help="ternary weights {-1, 0, 1} x scale")
+    g.add_argument("--sparsity", type=float)
+    g.add_argument("--pattern", help="N:M sparsity, e.g. 2:4")
+    g.add_argument("--target-params", type=float, help="structured pruning: fraction of non-embedding parameters kept")
+    g.add_argument("--drop-layers", type=int, help="depth pruning: number of blocks removed")
+    g.add_argument("--importance", help="importance measure for structured pruning")
+    g.add_argument("--ratio", type=float, help="low-rank: fraction of linear parameters kept")
+    g.add_argument("--rank", type=int, help="low-rank: one rank for all layers")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field (YAML value)")
     return ap
 
 
@@ -94,7 +122,50 @@ def cmd_fetch(args) -> None:
     print(assets.default_corpus_path())
 
 
-COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch}
+METHOD_OPTIONS = ("bits", "group_size", "sym", "act_order", "ternary", "sparsity", "pattern", "target_params",
+                  "drop_layers", "importance", "ratio", "rank")
+
+
+def _recipe_from_args(args) -> list:
+    import yaml
+
+    from . import recipe as rc
+    from .errors import InputError
+
+    if bool(args.method) == bool(args.recipe):
+        raise InputError("give exactly one of --method NAME or --recipe FILE")
+    if args.recipe:
+        return rc.load_recipe(args.recipe)
+    fields = {k: getattr(args, k) for k in METHOD_OPTIONS if getattr(args, k) is not None}
+    for kv in args.set:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise InputError(f"--set takes KEY=VALUE, got {kv!r}")
+        fields[key.replace("-", "_")] = yaml.safe_load(val)
+    return [rc.make_config(args.method, **fields)]
+
+
+def cmd_compress(args) -> None:
+    from .api import compress
+    from .data import DataConfig
+    from .report import table
+
+    recipe = _recipe_from_args(args)
+    data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                      eval_tokens=args.eval_tokens, seed=args.seed)
+    res = compress(recipe, model_spec=args.model, data=data, out=args.output, overwrite=args.overwrite,
+                   measure=not args.no_eval, measure_speed=not args.no_speed, context=args.context)
+    res.pop("model")
+    for step in res["methods"]:
+        print(f"{step['method']}: {step['seconds']:.1f} s")
+    if res["output"]:
+        print(f"saved to {res['output']}")
+    _emit(args.json, res)
+    if "after" in res:
+        print(table({"original": res["before"], "compressed": res["after"]}))
+
+
+COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": cmd_compress}
 
 
 def main(argv=None) -> int:

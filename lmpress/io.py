@@ -50,7 +50,7 @@ def load_model(
     """
     path = resolve_model_path(spec)
     if path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
             raise InputError(f"{path}: a model file must be .gguf; for other formats give the folder")
         model, tok = load_gguf(path)
     else:
@@ -171,12 +171,15 @@ def load_gguf(file: str | os.PathLike):
     """Load a GGUF file with transformers, dequantized to float32; returns ``(model, tokenizer)``."""
     file = Path(file)
     _check_gguf(file)
-    from transformers import AutoModelForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     kw = {"gguf_file": file.name}
     try:
         tok = _load_tokenizer(file.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(file.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            file.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise InputError(f"could not load {file}: {str(e).splitlines()[0][:300]}")
     _check_decoder(model.config, file)
