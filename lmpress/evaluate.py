@@ -45,7 +45,7 @@ def windows(stream: torch.Tensor, context: int, bos: int | None, stride: int | N
 
 def _batches(model, ids: torch.Tensor, progress: bool, desc: str):
     """Yield ``(start_row, log_probs (b, T, V) float32)`` for batches of windows."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.vocab_size
     per_row = ids.shape[1] * vocab * 4 * 2
     b = max(1, min(len(ids), LOGIT_BYTES // per_row))
     for s in bar(range(0, len(ids), b), desc=desc, enabled=progress):
@@ -161,7 +161,7 @@ class Speed:
 
 def speed(model, *, prompt_tokens=256, new_tokens=32, repeats=3, vocab_hi=None) -> Speed:
     """Batch-1 prefill and decode throughput; the best of ``repeats`` runs (noisy machines)."""
-    vocab = vocab_hi or model.get_output_embeddings().weight.shape[0]
+    vocab = vocab_hi or model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
     best_p = best_d = float("inf")

@@ -85,10 +85,13 @@ def layer_metadata(model: nn.Module) -> dict[str, dict]:
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with each tensor once (tied weights saved under their first name)."""
+    """State dict with each tensor once (tied weights saved under their first name), plus the
+    non-persistent buffers, so loading needs no initialisation code."""
     seen: dict[int, str] = {}
     out = {}
-    for k, v in model.state_dict().items():
+    items = dict(model.state_dict())
+    items.update({k: v for k, v in model.named_buffers() if k not in items})
+    for k, v in items.items():
         key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else id(v)
         if key in seen:
             continue
@@ -128,12 +131,12 @@ def load_compressed(path: Path, config: Any, info: dict) -> nn.Module:
         meta = dict(meta)
         arch.set_module(model, name, layer_class(meta.pop("kind")).empty(meta))
     state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise InputError(f"{path}: unexpected tensors {unexpected[:3]}...; the folder is not a consistent lmpress model")
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    unknown = _restore_buffers(model, {k: state[k] for k in unexpected})
+    if unknown:
+        raise InputError(f"{path}: unexpected tensors {unknown[:3]}; the folder is not a consistent lmpress model")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _materialize_buffers(model, config)
     still = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still:
         raise InputError(f"{path}: tensors missing from model.safetensors: {still[:3]}; the save is incomplete")
@@ -141,16 +144,19 @@ def load_compressed(path: Path, config: Any, info: dict) -> nn.Module:
     return model.eval()
 
 
-def _materialize_buffers(model: nn.Module, config: Any) -> None:
-    """Non-persistent buffers (rotary inverse frequencies) are not saved: recompute them."""
-    for mod in model.modules():
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if not buf.is_meta:
-                continue
-            if hasattr(mod, "rope_init_fn") or "inv_freq" in name:
-                inv_freq, scaling = mod.rope_init_fn(mod.config, torch.device("cpu")) if hasattr(mod, "rope_init_fn") else (None, None)
-                mod.register_buffer(name, inv_freq if "original" not in name else inv_freq.clone(), persistent=False)
-                if scaling is not None:
-                    mod.attention_scaling = scaling
-            else:
-                mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
+def _restore_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Put back the non-persistent buffers (rotary frequencies, embedding scales) saved beside the
+    state dict; returns the names of the tensors that matched nothing."""
+    unknown = []
+    for key, t in state.items():
+        owner, _, name = key.rpartition(".")
+        try:
+            mod = model.get_submodule(owner)
+        except AttributeError:
+            unknown.append(key)
+            continue
+        if name in dict(mod.named_buffers(recurse=False)):
+            mod.register_buffer(name, t, persistent=False)
+        else:
+            unknown.append(key)
+    return unknown

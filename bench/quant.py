@@ -1,0 +1,191 @@
+"""Quantization benchmark: float vs RTN, GPTQ and AWQ at several widths, plus llm-compressor's GPTQ.
+
+    python bench/quant.py                      # full table, writes the 'quant' section of BENCHMARKS.md
+    python bench/quant.py --quick              # fewer settings, for a smoke run (does not write)
+
+Default model (SmolLM2-135M-Instruct, fp32), default corpus; the same calibration tokens
+(128 x 512 from the calibration split) for every method and for llm-compressor; evaluation on the
+fixed evaluation stream (4,096 tokens, context 512). The default model's weights were stored as
+Q4_1 (4-bit asymmetric, groups of 32), so W4 asymmetric g32 is lossless by construction: it is
+marked and proves nothing. Decode speed depends on the storage (bits, group), not on the method, so
+it is measured once per storage setting, on the GPTQ model, in the same process as the float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, environment, md_table, write_section  # noqa: E402
+
+SETTINGS = [  # label, bits, group size, note
+    ("W8 per-channel", 8, -1, ""),
+    ("W4 g32", 4, 32, "lossless by construction (the model was Q4_1)"),
+    ("W4 g64", 4, 64, ""),
+    ("W4 per-channel", 4, -1, ""),
+    ("W3 g64", 3, 64, ""),
+    ("W2 g64", 2, 64, ""),
+]
+METHODS = ["rtn", "awq", "gptq"]
+PEER_PYTHON = Path("/work/peers/llmc/bin/python")
+PEER_SCRIPT = ROOT / "bench" / "peers" / "llmc_oneshot.py"
+
+
+def run_method(float_model, method, bits, group, calib, **extra):
+    from lmpress.recipe import RunContext, apply, make_config
+
+    model = copy.deepcopy(float_model)
+    cfg = make_config(method, bits=bits, group_size=group, **extra)
+    t0 = time.perf_counter()
+    apply(model, cfg, RunContext(calib=calib, progress=False))
+    return model, time.perf_counter() - t0
+
+
+def measure(model, float_model, stream, bos, tmp, tok, with_speed):
+    from lmpress.evaluate import compare, perplexity, speed
+    from lmpress.formats import save_compressed
+    from lmpress.io import folder_bytes
+    from lmpress.stats import param_counts
+
+    out = save_compressed(model, Path(tmp) / f"m{time.monotonic_ns()}", recipe=[], tokenizer=tok)
+    row = {
+        "ppl": perplexity(model, stream, context=512, bos=bos).ppl,
+        "kl": compare(model, float_model, stream, context=512, bos=bos).kl,
+        "bpw": param_counts(model).linear_bits_per_weight,
+        "disk": folder_bytes(out),
+    }
+    if with_speed:
+        row["decode"] = speed(model, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps
+    return row
+
+
+def run_peer(scheme, model_dir, calib_file, tmp):
+    if not PEER_PYTHON.exists():
+        return None, "llm-compressor venv missing: run bench/peers/setup_llmcompressor.sh"
+    out = Path(tmp) / f"llmc-{scheme}"
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--model", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--scheme", scheme]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return None, res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else "failed"
+    info = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
+    return (out, info["seconds"]), None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from lmpress.quant import kernels
+    from lmpress.data import DataConfig, prepare
+    from lmpress.evaluate import perplexity, speed
+    from lmpress.io import folder_bytes, load_model, resolve_model_path
+    from lmpress.stats import param_counts
+
+    model_dir = resolve_model_path(None)
+    fm, tok = load_model(model_dir)
+    calib, stream = prepare(tok, DataConfig(calib_samples=args.calib_samples))
+    bos = tok.bos_token_id
+    settings = SETTINGS[2:5] if args.quick else SETTINGS
+    pc = param_counts(fm)
+    float_row = {"ppl": perplexity(fm, stream, context=512, bos=bos).ppl, "kl": 0.0, "bpw": 32.0,
+                 "disk": folder_bytes(model_dir), "decode": speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps}
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for label, bits, group, note in settings:
+            for method in METHODS:
+                m, secs = run_method(fm, method, bits, group, calib)
+                r = measure(m, fm, stream, bos, tmp, tok, with_speed=(method == "gptq"))
+                r["seconds"] = secs
+                results[(label, method)] = r
+                print(label, method, {k: round(v, 4) for k, v in r.items()}, flush=True)
+                del m
+        # the decode path with the output head quantized too (it is the largest matrix of this model)
+        m, secs = run_method(fm, "gptq", 4, 64, calib, head_bits=8)
+        head_row = measure(m, fm, stream, bos, tmp, tok, with_speed=True)
+        head_row["seconds"] = secs
+        del m
+        float_decode_again = speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps
+        peers = {}
+        if not args.no_peer:
+            calib_file = Path(tmp) / "calib.npy"
+            np.save(calib_file, calib.numpy())
+            for scheme, label in (("gptq-w4g64", "W4 g64"), ("gptq-w3g64", "W3 g64")):
+                got, err = run_peer(scheme, model_dir, calib_file, tmp)
+                if got is None:
+                    peers[label] = {"error": err}
+                    continue
+                pm, _ = load_model(got[0])
+                from lmpress.evaluate import compare
+
+                peers[label] = {"ppl": perplexity(pm, stream, context=512, bos=bos).ppl,
+                                "kl": compare(pm, fm, stream, context=512, bos=bos).kl, "seconds": got[1]}
+                del pm
+    if args.quick:
+        return
+    write(results, float_row, head_row, float_decode_again, peers, pc, kernels.backend_name(), args)
+
+
+def write(results, float_row, head_row, float_decode_again, peers, pc, kinfo, args) -> None:
+    fdec = (float_row["decode"] + float_decode_again) / 2
+    rows = [["float (fp32)", "-", f"{float_row['ppl']:.3f}", "0", "32.00", f"{float_row['disk'] / 1e6:.1f}", "-", f"{float_row['decode']:.1f} (1.00x)"]]
+    for (label, method), r in results.items():
+        note = " †" if label == "W4 g32" else ""
+        dec = f"{r['decode']:.1f} ({r['decode'] / fdec:.2f}x)" if "decode" in r else "same storage as GPTQ"
+        rows.append([label + note, method.upper(), f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['bpw']:.2f}",
+                     f"{r['disk'] / 1e6:.1f}", f"{r['seconds']:.1f}", dec])
+    rows.append(["W4 g64 + 8-bit head", "GPTQ", f"{head_row['ppl']:.3f}", f"{head_row['kl']:.4f}", f"{head_row['bpw']:.2f}",
+                 f"{head_row['disk'] / 1e6:.1f}", f"{head_row['seconds']:.1f}", f"{head_row['decode']:.1f} ({head_row['decode'] / fdec:.2f}x)"])
+    peer_rows = []
+    for label, p in peers.items():
+        ours = results.get((label, "gptq"))
+        if "error" in p:
+            peer_rows.append([label, "not run: " + p["error"], "", "", "", ""])
+            continue
+        peer_rows.append([label, f"{p['ppl']:.3f}", f"{p['kl']:.4f}", f"{p['seconds']:.0f}",
+                          f"{ours['ppl']:.3f} / {ours['kl']:.4f} / {ours['seconds']:.0f}",
+                          f"{ours['seconds'] / p['seconds']:.2f}x"])
+    linear_fp32 = 4 * pc.linear
+    emb = 4 * pc.embedding
+    w4 = results.get(("W4 g64", "gptq"))
+    body = f"""## Quantization: RTN, AWQ, GPTQ; llm-compressor side by side
+
+Command: `python bench/quant.py`. Model: SmolLM2-135M-Instruct (fp32). Calibration: {args.calib_samples} x 512
+tokens from the calibration split (same tokens for every method and for llm-compressor). Evaluation:
+4,096-token evaluation stream, context 512 (4,088 scored tokens); KL is KL(float ‖ quantized), nats
+per token. Bits per weight: stored bits of the block linears (codes + fp16 scales and zeros) per
+weight. Size: the saved folder's safetensors (embedding in fp32, output head tied unless noted).
+Decode: batch 1, 64-token prompt, 32 greedy tokens, best of 3, ratio to the float model measured in
+the same process (mean of a float run before and after). Kernel: {kinfo}. Machine: {environment()}.
+
+† the default model's weights sit on a 4-bit asymmetric g32 grid (it was distributed as Q4_1), so
+this row is lossless by construction and says nothing about the methods. Group size 128 does not
+divide the hidden size 576 and is not run.
+
+{md_table(["setting", "method", "perplexity", "KL", "bits/weight", "disk (MB)", "quantize (s)", "decode tok/s (vs float)"], rows)}
+
+### GPTQ: lmpress vs llm-compressor (same model, calibration tokens, evaluation)
+
+{md_table(["setting", "llm-compressor ppl", "KL", "time (s)", "lmpress ppl / KL / time (s)", "time ratio (lmpress / llm-compressor)"], peer_rows) if peer_rows else "llm-compressor not run."}
+
+Size check (W4 g64, GPTQ): {w4['disk'] / 1e6:.1f} MB on disk vs the target 0.30 x fp32 block-linear bytes
+({linear_fp32 / 1e6:.1f} MB) + fp32 embedding ({emb / 1e6:.1f} MB) = {(0.3 * linear_fp32 + emb) / 1e6:.1f} MB.
+"""
+    print(body)
+    write_section("quant", body)
+
+
+if __name__ == "__main__":
+    main()

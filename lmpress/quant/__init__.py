@@ -1,0 +1,1 @@
+"""Weight-only quantization: grids, RTN, GPTQ, AWQ, packed storage and fast kernels."""

@@ -1,0 +1,170 @@
+"""GPTQ: quantize a layer's weights column by column, each rounding error compensated on the
+columns not yet quantized through the inverse Hessian of the layer's inputs.
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv 2210.17323.
+
+Recipe::
+
+    - method: gptq
+      bits: 3
+      group_size: 64
+      act_order: true
+
+The Hessian ``H = 2/n X^T X`` of each linear's inputs comes from the calibration pipeline; the
+layers of a block that read the same input (q/k/v, gate/up) share one Hessian. With
+``true_sequential`` each such group is quantized before the next group's inputs are collected, so
+later layers see the quantization error of earlier ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import arch
+from ..errors import InputError
+from .config import QuantConfig
+from .grid import GridSpec, choose_params, dequantize, quantize_codes
+from .qlinear import quantize_head_, replace_linear
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ options (plus the common ones of :class:`QuantConfig`).
+
+    damp: dampening added to the Hessian diagonal, as a fraction of its mean; grows x10 while the
+        Cholesky factorization fails. block_size: columns per lazy batch update.
+    act_order: quantize columns by decreasing Hessian diagonal; groups keep their original columns
+        (scales computed up front, "static groups"), so packing and kernels are unchanged.
+    true_sequential: quantize q/k/v, then o, then gate/up, then down, each on inputs that already
+        carry the earlier groups' quantization (one extra block pass per group).
+    """
+
+    method: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    true_sequential: bool = True
+
+
+def _inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of H^-1 after dampening; dampening grows until H is positive definite."""
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for attempt in range(8):
+        L, info = torch.linalg.cholesky_ex(H + damp * 10**attempt * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise InputError("GPTQ: the Hessian stays singular even with strong dampening; use more calibration data")
+
+
+def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, clip_search: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes q (out, in) and scales/zeros (out, G) for ``W`` (out, in) given ``H`` (in, in)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the column loop is many tiny ops: threads only add synchronisation
+    try:
+        return _gptq(W, H, spec, damp, block_size, act_order, clip_search)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(W, H, spec, damp, block_size, act_order, clip_search):
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    out_f, cols = W.shape
+    gs = spec.groups(cols)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    static = act_order or gs == cols  # group parameters fixed up front
+    s_all = torch.empty(out_f, cols // gs)
+    z_all = torch.empty(out_f, cols // gs)
+    if static:
+        s_all, z_all = choose_params(W, spec, clip_search)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_hessian_factor(H, damp)
+    Q = torch.empty_like(W)
+    maxq = float(spec.maxq)
+    block_size = max(gs, block_size // gs * gs) if gs < cols else block_size
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not static and col % gs == 0:  # groups are contiguous and lie inside the block
+                s_all[:, g : g + 1], z_all[:, g : g + 1] = choose_params(W1[:, i : i + gs], spec, clip_search)
+            w, sc, zc = W1[:, i], s_all[:, g], z_all[:, g]
+            q = torch.clamp(torch.round(w / sc) + zc, 0, maxq)  # (out,)
+            Q[:, i1 + i] = q
+            err = (w - (q - zc) * sc) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # spread the error over later columns
+            E1[:, i] = err
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+    inv = torch.argsort(perm)
+    return Q[:, inv].to(torch.uint8), s_all, z_all
+
+
+class HessianAccumulator:
+    """Running ``2/n sum x^T x`` over calibration tokens; x: (tokens, in)."""
+
+    def __init__(self):
+        self.sum: Tensor | None = None
+        self.n = 0
+
+    def __call__(self, x: Tensor) -> None:
+        x = x.float()
+        self.sum = x.T @ x if self.sum is None else self.sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> Tensor:
+        return 2.0 * self.sum / self.n
+
+
+def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
+    """Quantize every block linear of ``model`` in place with GPTQ on ``ctx.calib``."""
+    from ..calib import walk_blocks
+
+    if ctx.calib is None:
+        raise InputError("GPTQ needs calibration data")
+    errors: dict[str, float] = {}
+
+    def quantize_group(bctx, names, H):
+        for n in names:
+            full = f"{bctx.name}.{n}"
+            spec = cfg.layer_grid(full)
+            if spec is None:
+                continue
+            W = arch.linear_weight(bctx.linears[n]).detach().float()
+            q, s, z = gptq_quantize(W, H, spec, damp=cfg.damp, block_size=cfg.block_size,
+                                    act_order=cfg.act_order, clip_search=cfg.clip_search)
+            D = dequantize(q, s, z) - W
+            errors[full] = (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
+            replace_linear(model, full, q, s, z, spec)
+
+    def per_block(bctx):
+        groups = bctx.groups
+        batches = [[g] for g in groups] if cfg.true_sequential else [groups]
+        for batch in batches:
+            accs = {g[0]: HessianAccumulator() for g in batch}
+            bctx.collect(accs)
+            for g in batch:
+                quantize_group(bctx, g, accs[g[0]].H)
+
+    walk_blocks(model, ctx.calib, per_block, progress="gptq" if ctx.progress else False)
+    if cfg.head_bits:
+        quantize_head_(model, GridSpec(cfg.head_bits, cfg.group_size, cfg.sym))
+    vals = list(errors.values())
+    return {"layers": len(vals), "relative_output_error_mean": sum(vals) / max(1, len(vals))}

@@ -1,0 +1,151 @@
+import copy
+
+import pytest
+import torch
+from tiny import KINDS, tiny_model
+
+from lmpress import arch
+from lmpress.errors import InputError
+from lmpress.evaluate import compare
+from lmpress.quant.gptq import HessianAccumulator, gptq_quantize
+from lmpress.quant.grid import GridSpec, dequantize, grid_params, mse_clip, quantize_codes
+from lmpress.quant.qlinear import QuantLinear
+from lmpress.recipe import RunContext, apply, make_config
+
+SPECS = [GridSpec(b, g, sym) for b in (2, 3, 4, 8) for g in (32, -1) for sym in (False, True)] + [GridSpec(2, 32, ternary=True)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_grid_roundtrip_bounds_and_codes(spec):
+    w = torch.randn(16, 64)
+    s, z = grid_params(w, spec)
+    q = quantize_codes(w, s, z, spec)
+    assert q.max() <= spec.maxq and q.min() >= 0
+    assert torch.equal(s, s.half().float())  # scales are exactly representable in fp16
+    deq = dequantize(q, s, z)
+    if not spec.ternary:  # inside the range, the error is at most half a step (plus fp rounding)
+        g = spec.groups(64)
+        step = s.repeat_interleave(g, dim=1)
+        lo = (0 - z).repeat_interleave(g, dim=1) * step
+        hi = (spec.maxq - z).repeat_interleave(g, dim=1) * step
+        inside = (w >= lo) & (w <= hi)
+        assert ((deq - w).abs()[inside] <= step[inside] / 2 + 1e-5).all()
+    assert torch.equal(quantize_codes(deq, s, z, spec), q)  # grid values are fixed points
+
+
+def test_group_boundaries_are_independent():
+    spec = GridSpec(4, 32)
+    w = torch.randn(4, 64)
+    w2 = w.clone()
+    w2[:, 32:] *= 100  # changing group 2 must not change group 1's scales or codes
+    s1, z1 = grid_params(w, spec)
+    s2, z2 = grid_params(w2, spec)
+    assert torch.equal(s1[:, 0], s2[:, 0]) and torch.equal(
+        quantize_codes(w, s1, z1, spec)[:, :32], quantize_codes(w2, s2, z2, spec)[:, :32]
+    )
+
+
+def test_bad_grid_options_are_clear():
+    with pytest.raises(InputError, match="does not divide"):
+        GridSpec(4, 48).groups(64)
+    with pytest.raises(InputError, match="bits"):
+        GridSpec(5, 32)
+    with pytest.raises(InputError, match="pattern"):
+        make_config("rtn", overrides=[{"bits": 8}])
+
+
+def test_mse_clip_never_worse_than_minmax():
+    w = torch.randn(32, 128) * torch.rand(32, 128) ** 4  # heavy tails
+    for spec in (GridSpec(3, 32), GridSpec(2, 64)):
+        err0 = ((dequantize(quantize_codes(w, *grid_params(w, spec), spec), *grid_params(w, spec)) - w) ** 2).sum()
+        s, z = mse_clip(w, spec)
+        err1 = ((dequantize(quantize_codes(w, s, z, spec), s, z) - w) ** 2).sum()
+        assert err1 <= err0
+
+
+def _layer_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(1024, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3
+    W = torch.randn(64, 128, generator=g)
+    acc = HessianAccumulator()
+    acc(X)
+    return X, W, acc.H
+
+
+@pytest.mark.parametrize("spec", [GridSpec(4, 32), GridSpec(3, 64), GridSpec(2, 32), GridSpec(4, -1), GridSpec(3, 32, sym=True)], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_layer_error_below_rtn(spec, act_order):
+    X, W, H = _layer_problem()
+    s, z = grid_params(W, spec)
+    e_rtn = ((X @ (dequantize(quantize_codes(W, s, z, spec), s, z) - W).T) ** 2).mean()
+    q, s2, z2 = gptq_quantize(W, H, spec, act_order=act_order)
+    assert q.max() <= spec.maxq
+    e_gptq = ((X @ (dequantize(q, s2, z2) - W).T) ** 2).mean()
+    assert e_gptq < 0.8 * e_rtn
+
+
+def test_gptq_survives_singular_hessian():
+    X, W, _ = _layer_problem()
+    X[:, :10] = 0  # dead inputs: zero rows/cols in H
+    acc = HessianAccumulator()
+    acc(X[:, :])
+    q, s, z = gptq_quantize(W, acc.H, GridSpec(4, 32))
+    assert torch.isfinite(dequantize(q, s, z)).all()
+
+
+def test_quantlinear_matches_fake_quant():
+    w, b = torch.randn(48, 64), torch.randn(48)
+    spec = GridSpec(3, 32)
+    s, z = grid_params(w, spec)
+    q = quantize_codes(w, s, z, spec)
+    lin = QuantLinear.from_codes(q, s, z, spec, bias=b)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(lin(x), x @ dequantize(q, s, z).T + b, rtol=1e-5, atol=1e-5)
+    assert lin.logical_numel() == 48 * 64 + 48
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_method_on_every_layout_and_gptq_beats_rtn(kind, tmp_path):
+    from lmpress.formats import save_compressed
+    from lmpress.io import load_model
+
+    base = tiny_model(kind)
+    calib = torch.randint(3, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    stream = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))
+    kl = {}
+    for method in ("rtn", "gptq", "awq"):
+        m = copy.deepcopy(base)
+        apply(m, make_config(method, bits=3, group_size=32), RunContext(calib=calib, progress=False))
+        assert all(isinstance(l, QuantLinear) for l in arch.compressible_linears(m).values())
+        kl[method] = compare(m, base, stream, context=64, bos=1).kl
+    assert kl["gptq"] < kl["rtn"]
+    # the input model is untouched by methods applied to a copy
+    assert all(type(l).__name__ in ("Linear", "Conv1D") for l in arch.compressible_linears(base).values())
+
+
+def test_save_load_identical_logits_and_overrides(tmp_path):
+    from conftest import ByteTokenizer  # noqa: F401  (tokenizer not needed for the weights path)
+
+    from lmpress.formats import load_compressed, save_compressed
+
+    model = tiny_model("llama")
+    cfg = make_config("rtn", bits=4, group_size=32, head_bits=8,
+                      overrides=[{"pattern": r"layers\.0\.mlp", "bits": 8}, {"pattern": r"layers\.2\.self_attn\.o_proj", "skip": True}])
+    apply(model, cfg, RunContext(progress=False))
+    lin = arch.compressible_linears(model)
+    assert lin["model.layers.0.mlp.up_proj"].bits == 8 and lin["model.layers.1.mlp.up_proj"].bits == 4
+    assert isinstance(lin["model.layers.2.self_attn.o_proj"], torch.nn.Linear)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    out = save_compressed(model, tmp_path / "q", recipe=[{"method": "rtn"}])
+    import json
+
+    from transformers import AutoConfig
+
+    info = json.loads((out / "config.json").read_text())["lmpress"]
+    assert info["layers"]["model.layers.0.mlp.up_proj"]["bits"] == 8
+    again = load_compressed(out, AutoConfig.from_pretrained(out), info)
+    ids = torch.randint(3, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    # packed: 4-bit weights take about an eighth of fp32 plus scales
+    assert (out / "model.safetensors").stat().st_size < 0.6 * 4 * sum(p.numel() for p in tiny_model("llama").parameters())
