@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--reference", default=None, help="a model to measure KL divergence and top-1 agreement against")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurement")
+    p.add_argument("--task", default=None, help="zero-shot multiple-choice task: social_iqa, strategyqa, ... or a BIG-bench task.json")
+    p.add_argument("--task-limit", type=int, default=200, help="items of the task to score (default 200)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE ('-' for stdout)")
     p = sub.add_parser("info", help="architecture, parameter split, and the layers compression touches")
     _add_model(p)
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (with zero points)")
     g.add_argument("--act-order", action="store_true", default=None, help="GPTQ: quantize columns by decreasing Hessian diagonal")
     g.add_argument("--ternary", action="store_true", default=None, help="ternary weights {-1, 0, 1} x scale")
+    g.add_argument("--head-bits", type=int, help="also quantize the output head (untied) to this many bits")
     g.add_argument("--sparsity", type=float)
     g.add_argument("--pattern", help="N:M sparsity, e.g. 2:4")
     g.add_argument("--target-params", type=float, help="structured pruning: fraction of non-embedding parameters kept")
@@ -89,6 +92,12 @@ def cmd_eval(args) -> None:
         ref, _ = load_model(args.reference, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     res = evaluate(model, tok, data=_data_cfg(args), context=args.context, reference=ref,
                    measure_speed=not args.no_speed, model_path=resolve_model_path(args.model))
+    if args.task:
+        from .evaluate import multiple_choice
+        from .tasks import load_task
+
+        mc = multiple_choice(model, tok, load_task(args.task, args.task_limit), progress=True)
+        res.update({"task": args.task, "mc_acc": mc.acc, "mc_acc_norm": mc.acc_norm, "mc_items": mc.items})
     res["model"] = str(args.model or "smollm2-135m")
     _emit(args.json, res)
     print(table({res["model"]: res}))
@@ -122,7 +131,7 @@ def cmd_fetch(args) -> None:
     print(assets.default_corpus_path())
 
 
-METHOD_OPTIONS = ("bits", "group_size", "sym", "act_order", "ternary", "sparsity", "pattern", "target_params",
+METHOD_OPTIONS = ("bits", "group_size", "sym", "act_order", "ternary", "head_bits", "sparsity", "pattern", "target_params",
                   "drop_layers", "importance", "ratio", "rank")
 
 

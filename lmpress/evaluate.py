@@ -124,7 +124,7 @@ def multiple_choice(model, tokenizer, items, *, progress=False) -> MCResult:
     """Zero-shot accuracy. ``items``: dicts with ``prompt``, ``choices`` (list[str]), ``answer`` (int)."""
     hits = hits_norm = 0
     for it in bar(items, desc="multiple choice", enabled=progress):
-        ll = [choice_loglik(model, tokenizer, it["prompt"], " " + c.strip()) for c in it["choices"]]
+        ll = [choice_loglik(model, tokenizer, it["prompt"].rstrip(), " " + c.strip()) for c in it["choices"]]
         norm = [v / max(1, len(c.strip()) + 1) for v, c in zip(ll, it["choices"])]
         hits += int(max(range(len(ll)), key=ll.__getitem__) == it["answer"])
         hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == it["answer"])

@@ -15,6 +15,9 @@ FORMATS = {
     "peak_rss_bytes": ("peak memory (RSS)", "{:,} bytes"),
     "prefill_tps": ("prefill tokens/s (batch 1)", "{:.1f}"),
     "decode_tps": ("decode tokens/s (batch 1)", "{:.2f}"),
+    "mc_acc": ("zero-shot accuracy", "{:.3f}"),
+    "mc_acc_norm": ("zero-shot accuracy (length-norm.)", "{:.3f}"),
+    "mc_items": ("zero-shot items", "{:,}"),
     "eval_tokens": ("evaluated tokens", "{:,}"),
     "eval_seconds": ("perplexity wall time", "{:.1f} s"),
 }

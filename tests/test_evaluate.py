@@ -75,3 +75,25 @@ def test_speed_and_sizes_are_positive():
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert ev.tensor_bytes(model) == 4 * params + buffers
+
+
+def test_bigbench_task_file_parsing(tmp_path):
+    import json
+
+    import pytest
+
+    from lmpress.errors import InputError
+    from lmpress.tasks import load_task
+
+    f = tmp_path / "task.json"
+    f.write_text(json.dumps({"examples": [
+        {"input": "Sky colour?", "target_scores": {"green": 0, "blue": 1}},
+        {"input": "No scores", "target": "x"},
+        {"input": "Two plus two?", "target_scores": {"four": 1, "five": 0}},
+    ]}))
+    items = load_task(str(f))
+    assert [i["answer"] for i in items] == [1, 0] and items[0]["prompt"] == "Q: Sky colour?\nA: "
+    assert len(load_task(str(f), limit=1)) == 1
+    (tmp_path / "bad.json").write_text(json.dumps({"subtasks": []}))
+    with pytest.raises(InputError, match="no 'examples'"):
+        load_task(str(tmp_path / "bad.json"))
