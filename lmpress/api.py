@@ -141,3 +141,19 @@ def _path_of(spec):
         return resolve_model_path(spec)
     except Exception:
         return None
+
+
+def apply_(model, cfg, calib=None, *, tokenizer=None, teacher=None, progress: bool = True) -> dict:
+    """Apply one method config to ``model`` in place, e.g.
+    ``lmpress.quantize_(model, GPTQConfig(bits=3, group_size=64), calib)`` with ``calib`` the (n, L)
+    token ids from ``lmpress.data.prepare``. Returns the method's figures.
+    """
+    from . import recipe as rc
+    from .errors import InputError
+
+    if rc.needs_calibration(cfg) and calib is None:
+        raise InputError(f"{cfg.method} needs calibration token ids: calib, _ = lmpress.data.prepare(tokenizer, DataConfig())")
+    return rc.apply(model, cfg, rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=teacher, progress=progress))
+
+
+quantize_ = prune_ = factorize_ = apply_
