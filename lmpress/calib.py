@@ -40,6 +40,12 @@ class BlockContext:
     inputs: list[torch.Tensor]  # hidden states, one (b, L, hidden) tensor per batch
     extra: tuple[tuple, dict]  # the block's other forward arguments (batch dim 1, broadcast)
     _groups: list[list[str]] | None = field(default=None, repr=False)
+    _deferred: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the next block's inputs are computed (e.g. swap in packed layers, whose
+        forward is slower than the float layer holding the same dequantized weights)."""
+        self._deferred.append(fn)
 
     @property
     def linears(self) -> dict[str, nn.Module]:
@@ -185,4 +191,6 @@ def walk_blocks(
             fn(ctx)
         if i + 1 < len(blocks):
             inputs = ctx.outputs()
+        for fn_done in ctx._deferred:
+            fn_done()
         del ctx

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import arch
 from ..errors import InputError
 from .config import QuantConfig
-from .grid import GridSpec, choose_params, fake_quantize, grid_params, quantize_codes
+from .grid import GridSpec, choose_params, dequantize, fake_quantize, grid_params, quantize_codes
 from .qlinear import quantize_head_, replace_linear
 
 
@@ -145,7 +145,9 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
                 continue
             w = arch.linear_weight(m).detach().float()
             s, z = choose_params(w, spec, cfg.clip_search, col_weight=stats[n].sqmean)
-            replace_linear(model, full, quantize_codes(w, s, z, spec), s, z, spec)
+            q = quantize_codes(w, s, z, spec)
+            arch.set_linear_weight(m, dequantize(q, s, z))
+            bctx.defer(lambda full=full, q=q, s=s, z=z, spec=spec: replace_linear(model, full, q, s, z, spec))
 
     walk_blocks(model, ctx.calib, per_block, progress="awq" if ctx.progress else False)
     if cfg.head_bits:
