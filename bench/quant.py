@@ -28,13 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, environment, md_table, write_section  # noqa: E402
 
-SETTINGS = [  # label, bits, group size, methods
-    ("W8 per-channel", 8, -1, ("rtn", "gptq")),
-    ("W4 g32", 4, 32, ("rtn",)),
-    ("W4 g64", 4, 64, ("rtn", "awq", "gptq")),
-    ("W4 per-channel", 4, -1, ("rtn", "gptq")),
-    ("W3 g64", 3, 64, ("rtn", "awq", "gptq")),
-    ("W2 g64", 2, 64, ("rtn", "awq", "gptq")),
+# (label, bits, group size, method), most informative first: the table is rewritten after every row
+PLAN = [
+    ("W4 g64", 4, 64, "rtn"), ("W4 g64", 4, 64, "gptq"), ("W3 g64", 3, 64, "rtn"), ("W3 g64", 3, 64, "gptq"),
+    ("W4 g64", 4, 64, "llmc"), ("W3 g64", 3, 64, "llmc"),
+    ("W2 g64", 2, 64, "rtn"), ("W2 g64", 2, 64, "gptq"), ("W4 g64", 4, 64, "gptq+head8"),
+    ("W4 g64", 4, 64, "awq"), ("W3 g64", 3, 64, "awq"), ("W2 g64", 2, 64, "awq"),
+    ("W8 per-channel", 8, -1, "rtn"), ("W8 per-channel", 8, -1, "gptq"), ("W4 per-channel", 4, -1, "rtn"),
+    ("W4 per-channel", 4, -1, "gptq"), ("W4 g32", 4, 32, "rtn"),
 ]
 SPEED_METHOD = {"W4 g32": "rtn"}  # decode speed measured on this method's model (else GPTQ's)
 PEER_PYTHON = Path("/work/peers/llmc/bin/python")
@@ -91,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from lmpress.quant import kernels
     from lmpress.data import DataConfig, prepare
-    from lmpress.evaluate import perplexity, speed
+    from lmpress.evaluate import compare, perplexity, speed
     from lmpress.io import folder_bytes, load_model, resolve_model_path
     from lmpress.stats import param_counts
 
@@ -99,58 +100,55 @@ def main() -> None:
     fm, tok = load_model(model_dir)
     calib, stream = prepare(tok, DataConfig(calib_samples=args.calib_samples))
     bos = tok.bos_token_id
-    settings = SETTINGS[2:5] if args.quick else SETTINGS
     pc = param_counts(fm)
-    float_row = {"ppl": perplexity(fm, stream, context=512, bos=bos).ppl, "kl": 0.0, "bpw": 32.0,
-                 "disk": folder_bytes(model_dir), "decode": speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps}
-    rows, results = [], {}
+    fspeed = [speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps]
+    float_row = {"ppl": perplexity(fm, stream, context=512, bos=bos).ppl, "kl": 0.0, "bpw": 32.0, "disk": folder_bytes(model_dir)}
+    results = {}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        for label, bits, group, methods in settings:
-            for method in methods:
-                m, secs = run_method(fm, method, bits, group, calib)
-                r = measure(m, fm, stream, bos, tmp, tok, with_speed=(method == SPEED_METHOD.get(label, "gptq")))
+        calib_file = Path(tmp) / "calib.npy"
+        np.save(calib_file, calib.numpy())
+        for label, bits, group, method in PLAN[:4] if args.quick else PLAN:
+            if method == "llmc":
+                if args.no_peer:
+                    continue
+                got, err = run_peer(f"gptq-w{bits}g{group}-asym", model_dir, calib_file, tmp)
+                if got is None:
+                    results[(label, method)] = {"error": err}
+                else:
+                    pm, _ = load_model(got[0])
+                    results[(label, method)] = {"ppl": perplexity(pm, stream, context=512, bos=bos).ppl,
+                                                "kl": compare(pm, fm, stream, context=512, bos=bos).kl, "seconds": got[1]}
+                    del pm
+            else:
+                extra = {"head_bits": 8} if method == "gptq+head8" else {}
+                m, secs = run_method(fm, method.split("+")[0], bits, group, calib, **extra)
+                with_speed = method == SPEED_METHOD.get(label, "gptq") or method == "gptq+head8"
+                r = measure(m, fm, stream, bos, tmp, tok, with_speed=with_speed)
                 r["seconds"] = secs
                 results[(label, method)] = r
-                print(label, method, {k: round(v, 4) for k, v in r.items()}, flush=True)
                 del m
-        # the decode path with the output head quantized too (it is the largest matrix of this model)
-        m, secs = run_method(fm, "gptq", 4, 64, calib, head_bits=8)
-        head_row = measure(m, fm, stream, bos, tmp, tok, with_speed=True)
-        head_row["seconds"] = secs
-        del m
-        float_decode_again = speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps
-        peers = {}
-        if not args.no_peer:
-            calib_file = Path(tmp) / "calib.npy"
-            np.save(calib_file, calib.numpy())
-            for scheme, label in (("gptq-w4g64-asym", "W4 g64"), ("gptq-w3g64-asym", "W3 g64")):
-                got, err = run_peer(scheme, model_dir, calib_file, tmp)
-                if got is None:
-                    peers[label] = {"error": err}
-                    continue
-                pm, _ = load_model(got[0])
-                from lmpress.evaluate import compare
-
-                peers[label] = {"ppl": perplexity(pm, stream, context=512, bos=bos).ppl,
-                                "kl": compare(pm, fm, stream, context=512, bos=bos).kl, "seconds": got[1]}
-                del pm
-    if args.quick:
-        return
-    write(results, float_row, head_row, float_decode_again, peers, pc, kernels.backend_name(), args)
+                if with_speed:
+                    fspeed.append(speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps)
+            print(label, method, results[(label, method)], flush=True)
+            if not args.quick:
+                write(results, float_row, fspeed, pc, kernels.backend_name(), args, done=len(results) == len(PLAN))
 
 
-def write(results, float_row, head_row, float_decode_again, peers, pc, kinfo, args) -> None:
-    fdec = (float_row["decode"] + float_decode_again) / 2
-    rows = [["float (fp32)", "-", f"{float_row['ppl']:.3f}", "0", "32.00", f"{float_row['disk'] / 1e6:.1f}", "-", f"{float_row['decode']:.1f} (1.00x)"]]
+def write(results, float_row, fspeed, pc, kinfo, args, done) -> None:
+    fdec = sum(fspeed) / len(fspeed)
+    rows = [["float (fp32)", "-", f"{float_row['ppl']:.3f}", "0", "32.00", f"{float_row['disk'] / 1e6:.1f}", "-", f"{fdec:.1f} (1.00x)"]]
     for (label, method), r in results.items():
+        if method == "llmc":
+            continue
         note = " †" if label == "W4 g32" else ""
-        dec = f"{r['decode']:.1f} ({r['decode'] / fdec:.2f}x)" if "decode" in r else "same storage as above"
-        rows.append([label + note, method.upper(), f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['bpw']:.2f}",
+        dec = f"{r['decode']:.1f} ({r['decode'] / fdec:.2f}x)" if "decode" in r else "same storage as GPTQ"
+        name = "GPTQ, 8-bit head" if method == "gptq+head8" else method.upper()
+        rows.append([label + note, name, f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['bpw']:.2f}",
                      f"{r['disk'] / 1e6:.1f}", f"{r['seconds']:.1f}", dec])
-    rows.append(["W4 g64 + 8-bit head", "GPTQ", f"{head_row['ppl']:.3f}", f"{head_row['kl']:.4f}", f"{head_row['bpw']:.2f}",
-                 f"{head_row['disk'] / 1e6:.1f}", f"{head_row['seconds']:.1f}", f"{head_row['decode']:.1f} ({head_row['decode'] / fdec:.2f}x)"])
     peer_rows = []
-    for label, p in peers.items():
+    for (label, method), p in results.items():
+        if method != "llmc":
+            continue
         ours = results.get((label, "gptq"))
         if "error" in p:
             peer_rows.append([label, "not run: " + p["error"], "", "", "", ""])
@@ -158,9 +156,11 @@ def write(results, float_row, head_row, float_decode_again, peers, pc, kinfo, ar
         peer_rows.append([label, f"{p['ppl']:.3f}", f"{p['kl']:.4f}", f"{p['seconds']:.0f}",
                           f"{ours['ppl']:.3f} / {ours['kl']:.4f} / {ours['seconds']:.0f}",
                           f"{ours['seconds'] / p['seconds']:.2f}x"])
-    linear_fp32 = 4 * pc.linear
-    emb = 4 * pc.embedding
+    linear_fp32, emb = 4 * pc.linear, 4 * pc.embedding
     w4 = results.get(("W4 g64", "gptq"))
+    size = (f"Size check (W4 g64, GPTQ): {w4['disk'] / 1e6:.1f} MB on disk vs the target 0.30 x fp32 block-linear bytes "
+            f"({linear_fp32 / 1e6:.1f} MB) + fp32 embedding ({emb / 1e6:.1f} MB) = {(0.3 * linear_fp32 + emb) / 1e6:.1f} MB.") if w4 else ""
+    status = "" if done else f"\n**Partial run: {len(results)} of {len(PLAN)} planned rows were measured when this table was written.**\n"
     body = f"""## Quantization: RTN, AWQ, GPTQ; llm-compressor side by side
 
 Command: `python bench/quant.py`. Model: SmolLM2-135M-Instruct (fp32). Calibration: {args.calib_samples} x 512
@@ -168,13 +168,13 @@ tokens from the calibration split (same tokens for every method and for llm-comp
 4,096-token evaluation stream, context 512 (4,088 scored tokens); KL is KL(float ‖ quantized), nats
 per token. Bits per weight: stored bits of the block linears (codes + fp16 scales and zeros) per
 weight. Size: the saved folder's safetensors (embedding in fp32, output head tied unless noted).
-GPTQ uses its defaults (MSE clip search on, not true-sequential, no act-order); AWQ
-its defaults (20-point scale grid, activation-weighted clip search); llm-compressor's GPTQ with an
-asymmetric int grid at the same bits and group size, its other settings default.
-Decode: batch 1, 64-token prompt, 32 greedy tokens, best of 3, ratio to the float model measured in
-the same process (mean of a float run before and after). Kernel: {kinfo}. Machine: {environment()}.
+GPTQ uses its defaults (MSE clip search on, not true-sequential, no act-order); AWQ its defaults
+(20-point scale grid, activation-weighted clip search); llm-compressor's GPTQ with an asymmetric int
+grid at the same bits and group size, its other settings default. Decode: batch 1, 64-token prompt,
+32 greedy tokens, best of 3; ratio to the float model's mean decode speed over runs interleaved in
+the same process. Kernel: {kinfo}. Machine: {environment()}.
 {args.note}
-
+{status}
 † the default model's weights sit on a 4-bit asymmetric g32 grid (it was distributed as Q4_1), so
 this row is lossless by construction and says nothing about the methods. Group size 128 does not
 divide the hidden size 576 and is not run.
@@ -183,10 +183,9 @@ divide the hidden size 576 and is not run.
 
 ### GPTQ: lmpress vs llm-compressor (same model, calibration tokens, evaluation)
 
-{md_table(["setting", "llm-compressor ppl", "KL", "time (s)", "lmpress ppl / KL / time (s)", "time ratio (lmpress / llm-compressor)"], peer_rows) if peer_rows else "llm-compressor not run."}
+{md_table(["setting", "llm-compressor ppl", "KL", "time (s)", "lmpress ppl / KL / time (s)", "time ratio (lmpress / llm-compressor)"], peer_rows) if peer_rows else "llm-compressor not run yet."}
 
-Size check (W4 g64, GPTQ): {w4['disk'] / 1e6:.1f} MB on disk vs the target 0.30 x fp32 block-linear bytes
-({linear_fp32 / 1e6:.1f} MB) + fp32 embedding ({emb / 1e6:.1f} MB) = {(0.3 * linear_fp32 + emb) / 1e6:.1f} MB.
+{size}
 """
     print(body)
     write_section("quant", body)
