@@ -14,15 +14,16 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path):
     assert "no such model" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_cli_info_on_a_saved_model(tmp_path):
+def test_cli_info_on_a_saved_model(tmp_path, capsys):
     from tiny import tiny_model
 
+    from lmpress.cli import main
     from lmpress.io import save_model
 
     save_model(tiny_model("llama"), tmp_path / "m", tokenizer=_tok(tmp_path))
-    res = subprocess.run([sys.executable, "-m", "lmpress.cli", "info", str(tmp_path / "m")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "LlamaForCausalLM" in res.stdout and "compressible_linears" in res.stdout
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "compressible_linears" in out
 
 
 def _tok(tmp_path):

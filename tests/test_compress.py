@@ -1,9 +1,6 @@
 """End to end: compress a saved tiny model with the API and the CLI, reload, same logits."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from test_cli import _tok
@@ -43,22 +40,21 @@ def test_api_compress_saves_reloadable_model_and_keeps_input(setup, tmp_path):
     assert meta["recipe"][0]["method"] == "gptq" and meta["recipe"][0]["bits"] == 4
 
 
-def test_cli_compress_then_eval(setup, tmp_path):
+def test_cli_compress_then_eval(setup, tmp_path, capsys):
+    from lmpress.cli import main
+
     src, corpus = setup
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- method: rtn\n  bits: 8\n  group_size: -1\n- method: gptq\n  bits: 4\n  group_size: 32\n  overrides:\n    - {pattern: 'down_proj', skip: true}\n")
     assert [c.method for c in load_recipe(recipe)] == ["rtn", "gptq"]
-    base = [sys.executable, "-m", "lmpress.cli"]
     out = tmp_path / "o"
-    res = subprocess.run(base + ["compress", str(src), "--method", "gptq", "--bits", "3", "--group-size", "32", "--data", str(corpus),
-                                 "--calib-samples", "4", "--calib-len", "32", "--eval-tokens", "256", "--context", "64",
-                                 "--no-speed", "-o", str(out)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "KL to original" in res.stdout and "saved to" in res.stdout
-    res = subprocess.run(base + ["eval", str(out), "--data", str(corpus), "--eval-tokens", "256", "--context", "64", "--no-speed",
-                                 "--json", "-"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    figs = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
+    common = ["--data", str(corpus), "--eval-tokens", "256", "--context", "64", "--no-speed"]
+    assert main(["compress", str(src), "--method", "gptq", "--bits", "3", "--group-size", "32", "--calib-samples", "4",
+                 "--calib-len", "32", "-o", str(out)] + common) == 0
+    printed = capsys.readouterr().out
+    assert "KL to original" in printed and "saved to" in printed
+    assert main(["eval", str(out), "--json", str(tmp_path / "f.json")] + common) == 0
+    figs = json.loads((tmp_path / "f.json").read_text())
     assert 3 < figs["linear_bits_per_weight"] < 5
 
 
@@ -68,9 +64,12 @@ def test_cli_compress_then_eval(setup, tmp_path):
     (["--method", "gptq", "--group-size", "48"], "does not divide"),
     ([], "exactly one of --method"),
 ])
-def test_cli_bad_options_are_one_line_errors(setup, tmp_path, argv, msg):
+def test_cli_bad_options_are_one_line_errors(setup, tmp_path, argv, msg, capsys):
+    from lmpress.cli import main
+
     src, corpus = setup
-    res = subprocess.run([sys.executable, "-m", "lmpress.cli", "compress", str(src), "--data", str(corpus), "--calib-samples", "2",
-                          "--calib-len", "16", "--no-eval", "-o", str(tmp_path / "x")] + argv, capture_output=True, text=True)
-    assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr
+    code = main(["compress", str(src), "--data", str(corpus), "--calib-samples", "2", "--calib-len", "16", "--no-eval",
+                 "-o", str(tmp_path / "x")] + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
