@@ -1,4 +1,4 @@
-"""Fast CPU matmul with bit-packed weight-only quantized weights (layout: :mod:`lmpress.quant.pack`).
+"""Fast CPU matmul with bit-packed weight-only quantized weights (layout: :mod:`.pack`).
 
 ``qmatmul(x, packed, scales, zeros, bits, group_size, out_features)`` computes
 ``x @ W.T (+ bias)`` with ``W = (q - z) * s``:
@@ -10,7 +10,8 @@
 
 The extension is compiled on first use (never at import) with ``torch.utils.cpp_extension.load``
 under the name ``lmpress_qgemv`` and cached in the torch extensions directory
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first call takes ~10 s.
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first call takes ~15 s
+(two translation units, compiled in parallel).
 If it cannot be built, one warning names the cause and every call uses the reference path
 (:func:`lmpress.quant.pack.dequantize_packed` then ``F.linear``). ``LMPRESS_NO_KERNEL=1`` forces the
 reference path. Inputs the kernel does not cover (x not float32, scales neither float16 nor float32)
@@ -36,9 +37,10 @@ from ..errors import InputError
 from .pack import SUPPORTED_BITS, dequantize_packed
 
 EXTENSION_NAME = "lmpress_qgemv"
-FUSED_MAX_ROWS = 8  # fused kernel up to this many rows of x; measured faster than dequant + matmul
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "qgemv.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+FUSED_MAX_ROWS = 8  # = kMaxRows in qgemv_kernel.cpp: fused up to here, then dequantize + matmul
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_SOURCES = ("qgemv.cpp", "qgemv_kernel.cpp")  # glue, kernels (compiled in parallel)
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _KERNEL_DTYPES = (torch.float16, torch.float32)  # scale / zero dtypes the kernel reads
 
 
@@ -52,34 +54,39 @@ def qmatmul(
     out_features: int,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """``x (..., in) @ W.T + bias -> (..., out)`` for ``W = (q - z) * s`` stored by ``pack(q, bits)``."""
+    """``x (..., in) @ W.T + bias -> (..., out)``, ``W = (q - z) * s`` stored by ``pack(q, bits)``."""
+    ext = None if reference_forced() else _extension()
+    if ext is not None:  # the fast path validates in C++: this runs ~200 times per decoded token
+        try:
+            y = ext.qmatmul(x, packed, scales, zeros, bits, group_size, out_features, bias)
+        except RuntimeError:
+            _check(packed, scales, zeros, bits, group_size, out_features, x.shape[-1])
+            raise
+        if y is not None:
+            return y
     cols = x.shape[-1]
     _check(packed, scales, zeros, bits, group_size, out_features, cols)
-    x2 = x.reshape(-1, cols)  # (rows, in)
-    ext = None if reference_forced() else _extension()
-    if ext is None or not _kernel_fits(x2, scales, zeros):
-        w = dequantize_packed(packed, scales, zeros, bits, group_size, (out_features, cols), x.dtype)
-        return F.linear(x, w, bias)
-    bias = None if bias is None else bias.float().contiguous()
-    if x2.shape[0] <= FUSED_MAX_ROWS:
-        y = ext.qgemv(x2.contiguous(), packed.contiguous(), scales.contiguous(), zeros.contiguous(),
-                      bits, group_size, bias)
-    else:
-        w = dequantize_fast(packed, scales, zeros, bits, group_size, (out_features, cols))  # (out, in)
-        y = F.linear(x2, w, bias)
-    return y.view(*x.shape[:-1], out_features)
+    w = dequantize_packed(packed, scales, zeros, bits, group_size, (out_features, cols), x.dtype)
+    return F.linear(x, w, bias)
 
 
 def dequantize_fast(
-    packed: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, shape: tuple[int, int]
+    packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int,
+    shape: tuple[int, int],
 ) -> Tensor:
-    """Same float32 matrix as :func:`~lmpress.quant.pack.dequantize_packed`, via the C++ kernel if built."""
+    """Same float32 matrix as :func:`.pack.dequantize_packed` (bit for bit), via C++ when built."""
     out, cols = (int(d) for d in shape)
     _check(packed, scales, zeros, bits, group_size, out, cols)
     ext = None if reference_forced() else _extension()
     if ext is None or scales.dtype != zeros.dtype or scales.dtype not in _KERNEL_DTYPES:
         return dequantize_packed(packed, scales, zeros, bits, group_size, (out, cols))
-    return ext.dequant(packed.contiguous(), scales.contiguous(), zeros.contiguous(), bits, group_size, cols)
+    return ext.dequant(
+        packed.contiguous(), scales.contiguous(), zeros.contiguous(), bits, group_size, cols
+    )
 
 
 def available() -> bool:
@@ -97,24 +104,16 @@ def reference_forced() -> bool:
     return os.environ.get("LMPRESS_NO_KERNEL", "0") not in ("", "0")
 
 
-def _kernel_fits(x2: Tensor, scales: Tensor, zeros: Tensor) -> bool:
-    return (
-        x2.dtype == torch.float32
-        and x2.device.type == "cpu"
-        and x2.shape[0] > 0
-        and scales.dtype == zeros.dtype
-        and scales.dtype in _KERNEL_DTYPES
-    )
-
-
 def _check(packed, scales, zeros, bits, group_size, out, cols) -> None:
     """Cheap shape checks (this runs on every decode step, so no data is read)."""
     if bits not in SUPPORTED_BITS:
         raise InputError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
-    if packed.dtype != torch.uint8 or packed.shape != (out, cols * bits // 8) or cols * bits % 8:
+    if cols * bits % 8:
+        raise InputError(f"in_features * bits must be a multiple of 8; got {cols} * {bits}")
+    if packed.dtype != torch.uint8 or packed.shape != (out, cols * bits // 8):
         raise InputError(
             f"packed weights must be uint8 of shape (out, in * bits // 8) = "
-            f"{(out, cols * bits / 8)}; got {packed.dtype} of shape {tuple(packed.shape)}"
+            f"{(out, cols * bits // 8)}; got {packed.dtype} of shape {tuple(packed.shape)}"
         )
     if group_size <= 0 or cols % group_size:
         raise InputError(f"group_size must divide in_features={cols}; got {group_size}")
@@ -133,8 +132,8 @@ def _extension():
 
         return load(
             name=EXTENSION_NAME,
-            sources=[str(_SOURCE)],
-            extra_cflags=_FLAGS,
+            sources=[str(_CSRC / name) for name in _SOURCES],
+            extra_cflags=[*_FLAGS, f"-DLMPRESS_CPU={_cpu_tag()}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -146,6 +145,20 @@ def _extension():
             stacklevel=3,
         )
         return None
+
+
+def _cpu_tag() -> str:
+    """A hash of this CPU's feature flags: part of the build flags, so that a cached
+    -march=native build is never loaded on a CPU it was not built for (torch rebuilds instead)."""
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1((flags or platform.processor()).encode()).hexdigest()[:12]
 
 
 def _cause(exc: Exception) -> str:

@@ -11,19 +11,17 @@ On-disk layout (version 1) of ``pack(q, bits)``: a ``uint8`` tensor of shape
 so a row starts on a byte boundary and a kernel reads the weights in one sequential pass.
 Inside a row, codes are little-endian: the earlier code sits in the lower bits.
 
-=====  =================  =============================================================  ============
-bits   codes per bytes    byte layout (``q[k]`` = code of column ``k`` in the row)         needs
-=====  =================  =============================================================  ============
-8      1 per byte         ``byte[k] = q[k]``                                              --
-4      2 per byte         ``byte[j] = q[2j] | q[2j+1] << 4``                              in % 2 == 0
-2      4 per byte         ``byte[j] = q[4j] | q[4j+1] << 2 | q[4j+2] << 4 | q[4j+3] << 6``  in % 4 == 0
-3      8 per 3 bytes      ``word = sum_i q[8j+i] << 3i`` (24 bits), stored as 3 bytes       in % 8 == 0
-                          little-endian: ``byte[3j + b] = (word >> 8b) & 0xFF``
-=====  =================  =============================================================  ============
+* 8 bits, 1 code per byte: ``byte[k] = q[k]``; any ``in``.
+* 4 bits, 2 codes per byte: ``byte[j] = q[2j] | q[2j+1] << 4``; ``in % 2 == 0``.
+* 2 bits, 4 codes per byte: ``byte[j] = q[4j] | q[4j+1] << 2 | q[4j+2] << 4 | q[4j+3] << 6``;
+  ``in % 4 == 0``.
+* 3 bits, 8 codes per 3 bytes (dense): ``word[j] = sum_i q[8j+i] << 3i`` (24 bits), stored
+  little-endian as ``byte[3j+b] = (word[j] >> 8b) & 0xFF``; ``in % 8 == 0``.
 
-Every width is therefore one little-endian bit stream per row with code ``k`` at bit ``bits * k``;
-a kernel can fetch any 16 consecutive codes that start at a multiple of 16 with one unaligned
-2 * bits-byte load (see ``lmpress/csrc/qgemv.cpp``).
+Every width is therefore one little-endian bit stream per row with code ``k`` at bit ``bits * k``.
+The fused kernel (``lmpress/csrc/qgemv.cpp``) reads a row as 64-byte blocks (48 for 3 bits) of 16
+32-bit lanes, each lane holding ``32 // bits`` consecutive codes (8 for 3 bits), and isolates
+code ``j`` of all 16 lanes with one AND -- no shuffles in the inner loop.
 
 Example::
 
@@ -51,7 +49,7 @@ def packed_shape(shape: tuple[int, int], bits: int) -> tuple[int, int]:
 
 
 def pack(q: Tensor, bits: int) -> Tensor:
-    """Pack integer codes ``q`` (out, in) in ``[0, 2**bits - 1]`` into bytes (out, in * bits // 8)."""
+    """Pack codes ``q`` (out, in) in ``[0, 2**bits - 1]`` into uint8 (out, in * bits // 8)."""
     _check_bits(bits)
     _check_codes(q, bits)
     out, cols = _check_shape(tuple(q.shape), bits)
@@ -67,7 +65,7 @@ def pack(q: Tensor, bits: int) -> Tensor:
 
 
 def unpack(packed: Tensor, bits: int, shape: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`pack`: bytes (out, in * bits // 8) -> uint8 codes of ``shape == (out, in)``."""
+    """Inverse of :func:`pack`: bytes (out, in * bits // 8) -> uint8 codes (out, in) = ``shape``."""
     shape = tuple(int(d) for d in shape)
     expected = packed_shape(shape, bits)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
@@ -95,7 +93,7 @@ def dequantize_packed(
     shape: tuple[int, int],
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Reference dequantization: ``W = (q - z) * s`` per group, computed in float32, cast to ``dtype``."""
+    """Reference dequantization: ``W = (q - z) * s`` per group, in float32, cast to ``dtype``."""
     out, cols = (int(d) for d in shape)
     ngroups = check_groups(scales, zeros, out, cols, group_size)
     q = unpack(packed, bits, (out, cols)).float().view(out, ngroups, group_size)
@@ -105,7 +103,7 @@ def dequantize_packed(
 
 
 def check_groups(scales: Tensor, zeros: Tensor, out: int, cols: int, group_size: int) -> int:
-    """Validate ``group_size`` and the (out, in // group_size) scales and zeros; return the group count."""
+    """Validate ``group_size`` and the (out, in // group_size) scales and zeros; return ngroups."""
     if group_size <= 0 or cols % group_size != 0:
         raise InputError(f"group_size must divide in_features={cols}; got {group_size}")
     ngroups = cols // group_size
