@@ -1,0 +1,389 @@
+"""Pruning benchmark: the default model on the default corpus.
+
+Unstructured and N:M (magnitude, Wanda, SparseGPT at 50% and 2:4), width pruning to 75% and 50% of
+the non-embedding parameters (heads + MLP, and heads + MLP + hidden channels), depth pruning of 6
+of 30 blocks with each importance measure, and llm-compressor's Wanda and SparseGPT at 50% and 2:4
+on the same calibration tokens, side by side. Every pruned model is saved (sparse layers as
+``SparseLinear`` via ``formats.save_compressed``; structured ones with plain ``save_pretrained``),
+loaded back, and the loaded model is measured: perplexity at context 512, KL and top-1 agreement
+against the original, parameters, size on disk, batch-1 decode tokens/s, and the pruning wall time.
+
+    flock /tmp/lmpress-heavy.lock python bench/prune.py [--calib-samples 128] [--only wanda-0.5,...]
+
+Results are cached per row in ``--cache`` (default /tmp/lmpress-bench-prune/results.json, keyed by
+calibration size), so an interrupted run resumes; ``--fresh`` discards them. The peer runs with
+``/work/peers/llmc/bin/python`` (``bench/peers/setup_llmcompressor.sh`` installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, md_table, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LLMC_PY = Path("/work/peers/llmc/bin/python")
+
+UNSTRUCTURED = [  # row name, method, options
+    ("magnitude-0.5", "magnitude", {"sparsity": 0.5}),
+    ("wanda-0.5", "wanda", {"sparsity": 0.5}),
+    ("sparsegpt-0.5", "sparsegpt", {"sparsity": 0.5}),
+    ("magnitude-2:4", "magnitude", {"pattern": "2:4"}),
+    ("wanda-2:4", "wanda", {"pattern": "2:4"}),
+    ("sparsegpt-2:4", "sparsegpt", {"pattern": "2:4"}),
+]
+WIDTH = [("width-0.75", {"target_params": 0.75}), ("width-0.5", {"target_params": 0.5}),
+         ("width-0.75-hidden", {"target_params": 0.75, "hidden": True}), ("width-0.5-hidden", {"target_params": 0.5, "hidden": True})]
+DEPTH = [("depth-6-cosine", "cosine"), ("depth-6-activation", "activation"), ("depth-6-perplexity", "perplexity")]
+PEERS = ["wanda-0.5", "sparsegpt-0.5", "wanda-2:4", "sparsegpt-2:4"]
+
+
+class Bench:
+    def __init__(self, args):
+        from lmpress import load_model
+        from lmpress.data import DataConfig, prepare
+        from lmpress.io import resolve_model_path
+
+        self.args = args
+        self.model_dir = resolve_model_path(None)
+        self.base, self.tok = load_model()
+        self.data = DataConfig(calib_samples=args.calib_samples)
+        self.calib, self.stream = prepare(self.tok, self.data)
+        self.cache_file = Path(args.cache)
+        self.tmp = self.cache_file.parent / "models"  # saved models, kept for the speed pass
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.cache = {} if args.fresh or not self.cache_file.exists() else json.loads(self.cache_file.read_text())
+        self.key = f"calib{tuple(self.calib.shape)}"
+        self.rows = self.cache.setdefault(self.key, {})
+        self.shared: dict = {}
+
+    def save(self):
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        self.cache_file.write_text(json.dumps(self.cache, indent=1))
+
+    def wanted(self, name):
+        return (not self.args.only or name in self.args.only) and name not in self.rows
+
+    # ---- measuring a saved model -------------------------------------------------------------
+    def measure(self, folder: Path, **extra) -> dict:
+        from lmpress import load_model
+        from lmpress.evaluate import compare, perplexity, speed
+        from lmpress.io import folder_bytes
+        from lmpress.stats import param_counts
+
+        model, _ = load_model(folder)  # measure what was saved, after a round trip
+        bos = self.tok.bos_token_id
+        ppl = perplexity(model, self.stream, context=512, bos=bos)
+        agr = compare(model, self.base, self.stream, context=512, bos=bos)
+        sp = speed(model, repeats=3)
+        counts = param_counts(model)
+        nonzero = sum(int((p != 0).sum()) for p in _weights(model))
+        return {"folder": str(folder), "ppl": ppl.ppl, "kl": agr.kl, "top1": agr.top1, "params": counts.total, "nonzero_params": nonzero,
+                "params_embedding": counts.embedding, "disk_bytes": folder_bytes(folder), "decode_tps": sp.decode_tps,
+                "prefill_tps": sp.prefill_tps, **extra}
+
+    def record(self, name, res):
+        self.rows[name] = res
+        self.save()
+        if not self.args.no_write:  # the section is rewritten after every row: a long run reports as it goes
+            write_section("prune", report(self))
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items() if k != "info"),
+              file=sys.stderr, flush=True)
+
+    # ---- rows ------------------------------------------------------------------------------------
+    def original(self):
+        if self.wanted("original"):
+            self.record("original", self.measure(self.model_dir, prune_seconds=0.0))
+
+    def unstructured(self, names):
+        from lmpress import recipe as rc
+        from lmpress.formats import save_compressed
+        from lmpress.prune.sparse import sparsify_
+
+        for name, method, kw in UNSTRUCTURED:
+            if name not in names or not self.wanted(name):
+                continue
+            model = copy.deepcopy(self.base)
+            cfg = rc.make_config(method, **kw)
+            t0 = time.perf_counter()
+            info = rc.apply(model, cfg, rc.RunContext(calib=self.calib, progress=True))
+            seconds = time.perf_counter() - t0
+            sparsify_(model, pattern=cfg.pattern)
+            out = save_compressed(model, self.tmp / name, recipe=[rc.to_dict(cfg)], tokenizer=self.tok, overwrite=True)
+            del model
+            self.record(name, self.measure(out, prune_seconds=seconds, sparsity=info["sparsity"],
+                                           min_layer_sparsity=min(info["sparsity_per_layer"].values())))
+
+    def width(self):
+        from lmpress import recipe as rc
+        from lmpress.io import save_model
+        from lmpress.prune import structured as st
+
+        todo = [(n, kw) for n, kw in WIDTH if self.wanted(n)]
+        if not todo:
+            return
+        t0 = time.perf_counter()  # importance once (with hidden-channel scores), shared by the four rows
+        imp = st.width_importance(self.base, self.calib, rc.make_config("prune-width", hidden=True), True)
+        imp_seconds = time.perf_counter() - t0
+        for name, kw in todo:
+            model = copy.deepcopy(self.base)
+            cfg = rc.make_config("prune-width", **kw)
+            t0 = time.perf_counter()
+            info = st.prune_width_with(model, cfg, imp, self.calib[: cfg.search_samples])
+            seconds = imp_seconds + time.perf_counter() - t0
+            out = save_model(model, self.tmp / name, tokenizer=self.tok, overwrite=True)
+            del model
+            self.record(name, self.measure(out, prune_seconds=seconds, importance_seconds=imp_seconds, shape=info["shape"],
+                                           params_non_embedding=info["params_after"], plain_transformers=_loads_plain(out)))
+
+    def depth(self):
+        from lmpress import recipe as rc
+        from lmpress.io import save_model
+        from lmpress.prune import structured as st
+
+        for name, importance in DEPTH:
+            if not self.wanted(name):
+                continue
+            cfg = rc.make_config("prune-depth", drop_layers=6, importance=importance)
+            t0 = time.perf_counter()
+            if importance == "perplexity":
+                scores = st.perplexity_importance(self.base, self.calib, cfg, True)
+            else:  # one pipeline pass gives both activation measures: shared by the two rows
+                if "depth" not in self.shared:
+                    self.shared["depth"] = (st.activation_importance(self.base, self.calib, cfg, True), time.perf_counter() - t0)
+                scores = self.shared["depth"][0][importance]
+            drop = sorted(torch.topk(scores, 6, largest=False).indices.tolist())
+            model = copy.deepcopy(self.base)
+            st.drop_blocks_(model, drop)
+            seconds = time.perf_counter() - t0 + (self.shared["depth"][1] if importance != "perplexity" else 0)
+            out = save_model(model, self.tmp / name, tokenizer=self.tok, overwrite=True)
+            params = st.non_embedding_params(model)
+            del model
+            self.record(name, self.measure(out, prune_seconds=seconds, dropped=drop, params_non_embedding=params,
+                                           plain_transformers=_loads_plain(out)))
+
+    def peers(self, schemes):
+        import numpy as np
+
+        from lmpress import load_model
+        from lmpress.formats import save_compressed
+        from lmpress.prune.sparse import sparsify_
+
+        if not LLMC_PY.exists():
+            raise SystemExit(f"{LLMC_PY} missing: run bash bench/peers/setup_llmcompressor.sh (or pass --skip-peers)")
+        if not any(self.wanted(f"llmc-{s}") for s in schemes):
+            return
+        calib_file = self.tmp / "calib.npy"
+        np.save(calib_file, self.calib.numpy().astype(np.int64))
+        for scheme in schemes:
+            name = f"llmc-{scheme}"
+            if not self.wanted(name):
+                continue
+            dense = self.tmp / f"{name}-dense"
+            shutil.rmtree(dense, ignore_errors=True)
+            cmd = [str(LLMC_PY), str(ROOT / "bench/peers/llmc_oneshot.py"), "--model", str(self.model_dir), "--calib", str(calib_file),
+                   "--out", str(dense), "--scheme", scheme]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
+            peer = json.loads(res.stdout.strip().splitlines()[-1])
+            model, _ = load_model(dense)  # stored in lmpress's sparse format, like ours, for the size column
+            lin = _weights(model)
+            sparsity = sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
+            sparsify_(model, pattern=scheme.split("-")[1] if ":" in scheme else None)
+            out = save_compressed(model, self.tmp / name, recipe=[{"method": "llm-compressor", "scheme": scheme}], tokenizer=self.tok,
+                                  overwrite=True)
+            del model
+            self.record(name, self.measure(out, prune_seconds=peer["oneshot_seconds"], sparsity=sparsity))
+
+
+    def speed_pass(self, rounds: int = 3):
+        """Decode speed of the original and the structured models, interleaved round by round (best
+        of all rounds), so that load from other processes hits every model alike."""
+        from lmpress import load_model
+        from lmpress.evaluate import speed
+
+        names = ["original"] + [n for n, _ in WIDTH + DEPTH if n in self.rows]
+        if len(names) == 1 or all("decode_tps_interleaved" in self.rows[n] for n in names):
+            return
+        folder = {n: self.model_dir if n == "original" else self.rows[n].get("folder") or _find_folder(n) for n in names}
+        models = {n: load_model(folder[n])[0] for n in names}
+        best = dict.fromkeys(names, 0.0)
+        for _ in range(rounds):
+            for n, m in models.items():
+                best[n] = max(best[n], speed(m, repeats=2).decode_tps)
+        for n in names:
+            self.rows[n]["decode_tps_interleaved"] = best[n]
+        self.save()
+        if not self.args.no_write:
+            write_section("prune", report(self))
+        print("interleaved decode tok/s: " + ", ".join(f"{n} {v:.1f}" for n, v in best.items()), file=sys.stderr)
+
+
+def _find_folder(name: str) -> Path:
+    """A row's saved model from a run before folders were recorded (temporary folders)."""
+    found = sorted(Path("/tmp").glob(f"lmpress-bench-prune-*/{name}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no saved model for {name}: rerun that row (--only {name} after removing it from the cache)")
+    return found[-1]
+
+
+def _weights(model):
+    from lmpress import arch
+
+    return [m.weight for m in arch.compressible_linears(model).values()]
+
+
+def _loads_plain(folder: Path) -> bool:
+    """Does plain transformers (no lmpress code) load the folder and run it?"""
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
+            "m = A.from_pretrained(sys.argv[1], dtype=torch.float32); m(torch.tensor([[1, 2, 3]]))")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def _dec(row) -> float:
+    """Decode tokens/s: the interleaved speed pass when it ran, else the row's own measurement."""
+    return row.get("decode_tps_interleaved", row["decode_tps"])
+
+
+def _mb(b):
+    return f"{b / 1e6:.0f}"
+
+
+def report(bench: Bench) -> str:
+    r = bench.rows
+    base = r["original"]
+    speed0 = base["decode_tps"]
+
+    def row(name, label):
+        x = r[name]
+        return [label, f"{x['ppl']:.2f}", f"{x['ppl'] - base['ppl']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
+                f"{x['nonzero_params'] / 1e6:.1f}M", _mb(x["disk_bytes"]), f"{x['decode_tps']:.1f}",
+                f"{x['decode_tps'] / speed0:.2f}x", f"{x['prune_seconds']:.0f}"]
+
+    head = ["model", "perplexity", "Δ ppl", "KL", "top-1", "nonzero block-linear weights", "disk MB", "decode tok/s",
+            "vs original", "pruning s"]
+    t1 = [row("original", "original (fp32)")]
+    for name, _, _ in UNSTRUCTURED:
+        if name in r:
+            t1.append(row(name, f"lmpress {name}"))
+        if f"llmc-{name}" in r:
+            t1.append(row(f"llmc-{name}", f"llm-compressor {name}"))
+    head2 = ["model", "perplexity", "Δ ppl", "KL", "top-1", "params", "non-embedding params", "shape / dropped", "disk MB",
+             "decode tok/s", "vs original", "pruning s", "plain transformers loads"]
+    t2 = []
+    for name in [n for n, _ in WIDTH] + [n for n, _ in DEPTH]:
+        if name not in r:
+            continue
+        x = r[name]
+        what = (f"kv groups {x['shape']['groups']}/3, MLP {x['shape']['intermediate']}, hidden {x['shape']['hidden']}"
+                if "shape" in x else f"blocks {x['dropped']}")
+        t2.append([name, f"{x['ppl']:.2f}", f"{x['ppl'] - base['ppl']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
+                   f"{x['params'] / 1e6:.1f}M", f"{x['params_non_embedding'] / 1e6:.1f}M", what, _mb(x["disk_bytes"]),
+                   f"{_dec(x):.1f}", f"{_dec(x) / _dec(base):.2f}x", f"{x['prune_seconds']:.0f}",
+                   "yes" if x["plain_transformers"] else "NO"])
+    n, L = bench.calib.shape
+    return f"""## Pruning: magnitude, Wanda, SparseGPT, width and depth (default model, default corpus)
+
+Command: `flock /tmp/lmpress-heavy.lock python bench/prune.py --calib-samples {n}`. Model: SmolLM2-135M-Instruct
+(fp32, {base['params'] / 1e6:.1f}M parameters, {(base['params'] - base['params_embedding']) / 1e6:.1f}M non-embedding). Calibration: {n} x {L} tokens of the built-in
+Wikipedia corpus (the same token rows for lmpress and llm-compressor, which gets them as a `datasets.Dataset`).
+Evaluation: {bench.stream.numel():,} held-out tokens, context 512; KL(original ‖ pruned) and top-1 agreement per token.
+Every pruned model was saved, loaded back and measured after the round trip. Unstructured / N:M models are
+stored as `SparseLinear` (bitmask or 2:4 indices + fp32 values; llm-compressor's dense outputs are stored the
+same way for the size column); their decode runs densified, so it is not faster. Decode: batch 1, 256-token
+prompt, 32 new tokens, best of 3 (unstructured table); for the structured table the original and every structured
+model were re-measured in a final interleaved pass (3 rounds x best of 2, best kept), so that load from other
+processes on the shared 2-core machine hits all of them alike. Pruning wall time: the method call
+only (model loading excluded), for llm-compressor its `oneshot` call. Width rows share one importance pass
+(included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise).
+Machine: {environment()}.
+
+### Unstructured and 2:4 sparsity of all block linears (50%)
+
+{md_table(head, t1)}
+
+### Structured: width (Minitron activation importance) and depth (6 of 30 blocks)
+
+{md_table(head2, t2)}
+
+{targets(bench)}
+"""
+
+
+def targets(bench: Bench) -> str:
+    r = bench.rows
+    base = r["original"]["ppl"]
+    lines = ["### The issue's figures", ""]
+
+    def inc(name):
+        return r[name]["ppl"] - base
+
+    if all(f"{m}-0.5" in r for m in ("magnitude", "wanda", "sparsegpt")):
+        for m in ("wanda", "sparsegpt"):
+            ok = inc(f"{m}-0.5") <= inc("magnitude-0.5") / 2
+            lines.append(f"- {m} 50%: perplexity increase {inc(f'{m}-0.5'):+.2f} vs magnitude's {inc('magnitude-0.5'):+.2f} "
+                         f"(at most half: {'met' if ok else 'NOT met'}).")
+    if "width-0.75" in r:
+        for name in ("width-0.75", "width-0.75-hidden"):
+            if name in r:
+                x = r[name]
+                ratio = _dec(x) / _dec(r["original"])
+                ok = ratio >= 1.2 and x["plain_transformers"]
+                lines.append(f"- {name}: loads in plain transformers: {'yes' if x['plain_transformers'] else 'no'}; decode "
+                             f"{ratio:.2f}x the original (>= 1.2x: {'met' if ok else 'NOT met'}).")
+    for s in PEERS:
+        if s in r and f"llmc-{s}" in r:
+            a, b = r[s], r[f"llmc-{s}"]
+            ok_p, ok_t = a["ppl"] <= b["ppl"], a["prune_seconds"] <= b["prune_seconds"]
+            lines.append(f"- {s}: perplexity {a['ppl']:.3f} vs llm-compressor {b['ppl']:.3f} ({'met' if ok_p else 'NOT met'}); "
+                         f"time {a['prune_seconds']:.0f} s vs {b['prune_seconds']:.0f} s ({'met' if ok_t else 'NOT met'}).")
+    if "wanda-0.5" in r:
+        s = r["wanda-0.5"]["prune_seconds"]
+        n = bench.calib.shape[0]
+        lines.append(f"- Wanda 50% pruning pass ({n} x 512 calibration tokens): {s:.0f} s (under 5 minutes: {'met' if s < 300 else 'NOT met'}).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="pruning benchmark")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="comma-separated row names")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--cache", default="/tmp/lmpress-bench-prune/results.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    bench = Bench(args)
+    bench.original()
+    bench.unstructured(("magnitude-0.5", "wanda-0.5", "sparsegpt-0.5"))
+    if not args.skip_peers:
+        bench.peers(("wanda-0.5", "sparsegpt-0.5"))
+    bench.width()
+    bench.depth()
+    bench.speed_pass()
+    bench.unstructured(("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4"))
+    if not args.skip_peers:
+        bench.peers(("wanda-2:4", "sparsegpt-2:4"))
+    body = report(bench)
+    if not args.no_write:
+        write_section("prune", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

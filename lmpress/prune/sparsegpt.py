@@ -1,0 +1,170 @@
+"""SparseGPT (Frantar & Alistarh, arXiv 2301.00774): prune and reconstruct each linear layer in one shot.
+
+For a layer ``W`` (out, in) with inputs ``X`` and Hessian ``H = 2 X^T X``, columns are processed left to
+right in lazy blocks of ``blocksize``. At the start of each block the mask is chosen adaptively:
+the weights with the smallest ``w^2 / [H^-1]_jj^2`` in the block (or, for N:M, in each group of M
+columns of a row) are pruned. Each column ``j`` then has its pruned weights zeroed and the error is
+spread over the not-yet-processed columns with the OBS update
+``W[:, j:] -= (w_j - q_j) / [H^-1]_jj * H^-1[j, j:]``, using the upper Cholesky factor of
+``H^-1`` (the same machinery as GPTQ).
+
+Recipe::
+
+    - method: sparsegpt
+      sparsity: 0.5        # or pattern: "2:4"
+
+Joint sparsification + quantization (the paper's Sec. 3.5): :func:`sparsegpt_prune` takes a
+``quantize`` callable applied to each column right after its mask, so the OBS update also
+compensates the rounding error. TODO: expose it in :class:`SparseGPTConfig` once the quantized
+layer format (``lmpress.quant``) can store a pruned quantized weight; until then the config has
+no quantization fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import arch
+from ..errors import InputError
+from . import masks
+from .unstructured import block_sparsities, check_sparsity_fields, collect_inputs, groups_of, require_calib, summary, zeros_and_numel
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT: mask selection and OBS weight reconstruction per layer (arXiv 2301.00774)."""
+
+    method: ClassVar[str] = "sparsegpt"
+    needs_calibration: ClassVar[bool] = True
+    sparsity: float | None = None  # fraction of weights zeroed; default 0.5, or 1 - N/M with a pattern
+    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs of a row
+    blocksize: int = 128  # columns per lazy block (and per adaptive mask selection)
+    dampening: float = 0.01  # added to diag(H), as a fraction of its mean
+    allocation: str = "uniform"  # "uniform" or "owl" (outlier-weighted per-block sparsity)
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    sequential: bool = True  # groups of linears in a block see the pruned groups before them
+    batch_size: int = 8
+
+    def __post_init__(self):
+        check_sparsity_fields(self, scopes=("row",))
+        nm = masks.parse_pattern(self.pattern)
+        if self.blocksize < 1 or (nm and self.blocksize % nm[1]):
+            raise ValueError(f"blocksize {self.blocksize} must be positive (and a multiple of M for N:M)")
+        if not 0 < self.dampening < 1:
+            raise ValueError(f"dampening {self.dampening} must lie in (0, 1), e.g. 0.01")
+
+
+def inverse_hessian_factor(H: Tensor, dampening: float) -> tuple[Tensor, Tensor]:
+    """``(U, dead)``: upper Cholesky factor of ``(H + damp I)^-1`` and the inputs never active.
+    H: (in, in) -> U: (in, in), dead: bool (in,)
+    """
+    H = H.clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    idx = torch.arange(H.shape[0])
+    H[idx, idx] += dampening * torch.mean(torch.diag(H))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+
+
+def _block_mask(W1: Tensor, d: Tensor, k: int) -> Tensor:
+    """Adaptive mask of one lazy block: prune the ``k`` smallest w^2 / d^2. (out, b) -> bool keep"""
+    tmp = (W1 * W1 / (d * d)[None, :]).flatten()
+    keep = torch.ones_like(tmp, dtype=torch.bool)
+    if k:
+        keep[torch.topk(tmp, k, largest=False).indices] = False
+    return keep.view_as(W1)
+
+
+def sparsegpt_prune(
+    W: Tensor,
+    U: Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    quantize: Callable[[Tensor, int], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Prune ``W`` (out, in) with the upper Cholesky factor ``U`` of ``H^-1`` (in, in).
+    Returns ``(W_pruned (out, in), loss (out,))``; exactly ``prune_count(out * in, sparsity)``
+    weights are pruned (unstructured) or N of every M kept (N:M). ``quantize(column, j)``, if
+    given, rounds each kept column (joint mode).
+    """
+    W = W.clone().float()
+    rows, cols = W.shape
+    if nm is not None and cols % nm[1]:
+        raise InputError(f"N:M sparsity with M={nm[1]} needs in_features divisible by {nm[1]}; this layer has {cols}")
+    losses = torch.zeros(rows)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, b), (b, b)
+        d = torch.diag(U1)  # (b,)
+        if nm is None:
+            k = masks.prune_count(rows * i2, sparsity) - masks.prune_count(rows * i1, sparsity)
+            keep = _block_mask(W1, d, k)
+        else:
+            keep = torch.ones_like(W1, dtype=torch.bool)
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:  # N:M: choose within the next M columns, as updated so far
+                j = slice(i, i + nm[1])
+                keep[:, j] = masks.nm_mask(W1[:, j] ** 2 / d[None, j] ** 2, *nm)
+            w = W1[:, i]
+            q = w * keep[:, i]
+            if quantize is not None:
+                q = quantize(q, i1 + i) * keep[:, i]
+            Q1[:, i] = q
+            err = (w - q) / d[i]  # (out,)
+            losses += err * err / 2
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W, losses
+
+
+def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """tr(dW H dW^T) / tr(W H W^T): the layer's output error on the calibration inputs, relative."""
+    dW = (W_new - W).float()
+    return (((dW @ H) * dW).sum() / ((W.float() @ H) * W.float()).sum().clamp_min(1e-30)).item()
+
+
+def _hessian(x: Tensor) -> Tensor:
+    x = x.float()
+    return x.T @ x  # (in, in)
+
+
+def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
+    """SparseGPT on the calibration pipeline, in place."""
+    from ..calib import walk_blocks
+
+    calib = require_calib(ctx, "sparsegpt")
+    targets = block_sparsities(model, cfg, calib, ctx.progress)
+    nm = masks.parse_pattern(cfg.pattern)
+    measured, errors = {}, {}
+
+    def fn(bctx):
+        for group in groups_of(bctx, cfg.sequential):
+            Hs = collect_inputs(bctx, group, _hessian)
+            factors = {}
+            for name in group:
+                H = Hs[name]
+                if id(H) not in factors:
+                    factors[id(H)] = inverse_hessian_factor(H, cfg.dampening)
+                U, dead = factors[id(H)]
+                lin = bctx.linears[name]
+                W = arch.linear_weight(lin).detach().float().clone()
+                W[:, dead] = 0
+                W_new, _ = sparsegpt_prune(W, U, targets[bctx.index], nm, cfg.blocksize)
+                errors[f"{bctx.name}.{name}"] = relative_error(W, W_new, H)
+                arch.set_linear_weight(lin, W_new.to(lin.weight.dtype))
+                measured[f"{bctx.name}.{name}"] = zeros_and_numel(arch.linear_weight(lin))
+
+    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "sparsegpt")
+    return {**summary(measured, targets if cfg.allocation != "uniform" else None), "relative_error_per_layer": errors}
