@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("fetch", help="download the built-in model and corpus now")
+    from .distill import cli as distill_cli
+
+    distill_cli.add_parser(sub)
     p = sub.add_parser("compress", help="compress a model with a method or a recipe, save it, compare before/after")
     _add_model(p)
     _add_data(p)
@@ -174,7 +177,13 @@ def cmd_compress(args) -> None:
         print(table({"original": res["before"], "compressed": res["after"]}))
 
 
-COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": cmd_compress}
+def cmd_distill(args) -> None:
+    from .distill import cli as distill_cli
+
+    distill_cli.run(args)
+
+
+COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": cmd_compress, "distill": cmd_distill}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,275 @@
+"""Distillation benchmark on the default model and corpus (CPU budget: about 30 minutes on 2 cores).
+
+(a) prune-then-distill: width-prune SmolLM2-135M to 75% of its non-embedding parameters, then train
+    the pruned model on the same corpus tokens twice: distillation from the original model (forward
+    KL) versus plain next-token cross-entropy fine-tuning. Perplexity before/after, KL to the teacher.
+(b) W2 g64 quantization-aware distillation (FakeQuantLinear, straight-through estimator, learnable
+    clipping, CAKLD with the float model as teacher) versus post-training round-to-nearest W2 g64
+    (min-max, and with a weight-MSE clipping search), all with the same quantizer.
+
+Training throughput (tokens/s) includes the teacher forward. Training windows come from the
+calibration part of the corpus; perplexity is measured on the evaluation documents (never trained
+on), context 512, 4,088 scored tokens.
+
+    flock /tmp/lmpress-heavy.lock python bench/distill.py           # writes the 'distill' section
+    python bench/distill.py --tokens-a 8000 --tokens-b 8000 --no-write   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, md_table, write_section  # noqa: E402
+
+
+def evaluate(model, teacher, stream, bos) -> dict:
+    """Perplexity (fp32) and KL to the teacher; the outer inference_mode restores the grad mode."""
+    from lmpress.evaluate import compare, perplexity
+
+    model.eval()
+    with torch.inference_mode():
+        ppl = perplexity(model, stream, context=512, bos=bos)
+        kl = compare(model, teacher, stream, context=512, bos=bos) if teacher is not None else None
+    return {"ppl": ppl.ppl, "kl": kl.kl if kl else 0.0, "top1": kl.top1 if kl else 1.0}
+
+
+# ---- (a) width pruning ----------------------------------------------------------------------------
+
+
+def head_scores(attn, n_kv: int, head_dim: int) -> torch.Tensor:
+    """Activation-free importance of each query head: ||W_q[h]||_F * ||W_o[:, h]||_F. (n_heads,)"""
+    q = attn.q_proj.weight.view(-1, head_dim, attn.q_proj.weight.shape[1])  # (H, d, hidden)
+    o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, head_dim)  # (hidden, H, d)
+    return q.norm(dim=(1, 2)) * o.norm(dim=(0, 2))
+
+
+def mlp_scores(mlp) -> torch.Tensor:
+    """Activation-free importance of each MLP channel: ||gate_i|| * ||up_i|| * ||down[:, i]||. (inter,)"""
+    return mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+
+
+def simple_width_prune(model, heads_per_kv: int, inter: int):
+    """Keep the top ``heads_per_kv`` query heads of each KV group and the top ``inter`` MLP channels
+    of every block (weight-norm importance, no calibration data); returns a new, uniform model."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        s = head_scores(layer.self_attn, KV, d).view(KV, H // KV)  # (KV, heads per group)
+        keep_h = (s.topk(heads_per_kv, dim=1).indices.sort(dim=1).values + torch.arange(KV)[:, None] * (H // KV)).flatten()
+        rows = (keep_h[:, None] * d + torch.arange(d)).flatten()
+        sd[p + "self_attn.q_proj.weight"] = sd[p + "self_attn.q_proj.weight"][rows]
+        sd[p + "self_attn.o_proj.weight"] = sd[p + "self_attn.o_proj.weight"][:, rows]
+        keep_c = mlp_scores(layer.mlp).topk(inter).indices.sort().values
+        for n in ("gate_proj", "up_proj"):
+            sd[p + f"mlp.{n}.weight"] = sd[p + f"mlp.{n}.weight"][keep_c]
+        sd[p + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"][:, keep_c]
+    cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size = heads_per_kv * KV, d, inter
+    pruned = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    pruned.load_state_dict(sd, strict=False)
+    pruned.tie_weights()
+    return pruned.eval()
+
+
+def non_embedding_params(model) -> int:
+    from lmpress.stats import param_counts
+
+    c = param_counts(model)
+    return c.total - c.embedding
+
+
+def make_pruned(teacher, ctx_tok):
+    """(student, how): lmpress.prune.structured when it exists, else the simple pruning above."""
+    if importlib.util.find_spec("lmpress.prune") and importlib.util.find_spec("lmpress.prune.structured"):
+        from lmpress.data import DataConfig, prepare
+        from lmpress.prune.structured import WidthPruneConfig, prune_width_
+        from lmpress.recipe import RunContext
+
+        data = DataConfig(calib_samples=64)
+        calib, _ = prepare(ctx_tok, data, need_eval=False)
+        s = copy.deepcopy(teacher)
+        info = prune_width_(s, WidthPruneConfig(target_params=0.75),
+                            RunContext(calib=calib, tokenizer=ctx_tok, teacher=teacher, data=data, progress=True))
+        c = s.config
+        return s, (f"`lmpress.prune.structured.prune_width_(WidthPruneConfig(target_params=0.75))` (Minitron-style, "
+                   f"activation importance on {calib.shape[0]} x {calib.shape[1]} calibration tokens): "
+                   f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, MLP {c.intermediate_size}, "
+                   f"hidden {c.hidden_size}"), info
+    s = simple_width_prune(teacher, heads_per_kv=2, inter=1152)
+    return s, ("bench-local activation-free pruning (lmpress.prune.structured not available): query heads 9 -> 6 "
+               "(top 2 of 3 per KV group by |W_q| |W_o|), MLP 1536 -> 1152 channels (by |gate| |up| |down|)"), None
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+
+
+def train(student, teacher, windows, args, bf16=True, **cfg_fields) -> dict:
+    from lmpress.distill.engine import DistillConfig, distill
+
+    cfg = DistillConfig(seq_len=args.seq_len, batch_size=args.batch_size, bf16=bf16, seed=0, **cfg_fields)
+    t0 = time.perf_counter()
+    res = distill(student, teacher if cfg.loss != "ce" else None, cfg, windows=windows, progress=True)
+    res["wall"] = time.perf_counter() - t0
+    res.pop("history")
+    return res
+
+
+def part_a(teacher, tok, stream, windows, args, out: dict) -> None:
+    bos = tok.bos_token_id
+    student, how, _ = make_pruned(teacher, tok)
+    out["prune_how"] = how
+    out["params_teacher"], out["params_student"] = non_embedding_params(teacher), non_embedding_params(student)
+    out["pruned"] = evaluate(student, teacher, stream, bos)
+    print("pruned:", out["pruned"], flush=True)
+    steps = 3 * args.batch_size * args.seq_len  # bf16 autocast vs fp32 throughput, same run, 3 steps each
+    for bf16 in (False, True):
+        out[f"tps_bf16_{bf16}"] = train(copy.deepcopy(student), teacher, windows, args, bf16=bf16, loss="fkl",
+                                        tokens=steps, lr=args.lr_a)["tokens_per_s"]
+    for name, loss in (("kd", "fkl"), ("ce", "ce")):
+        s = copy.deepcopy(student)
+        out[f"a_{name}_train"] = train(s, teacher, windows, args, loss=loss, tokens=args.tokens_a, lr=args.lr_a)
+        out[f"a_{name}"] = evaluate(s, teacher, stream, bos)
+        print(name, out[f"a_{name}"], out[f"a_{name}_train"]["tokens_per_s"], flush=True)
+
+
+def part_b(teacher, tok, stream, windows, args, out: dict) -> None:
+    from lmpress.distill.qat import materialize_fake_quant_, to_fake_quant_
+
+    bos = tok.bos_token_id
+    for name, init in (("rtn", None), ("rtn_mse", "mse")):
+        s = copy.deepcopy(teacher)
+        to_fake_quant_(s, 2, 64, init_clip=init)
+        materialize_fake_quant_(s)
+        out[f"b_{name}"] = evaluate(s, teacher, stream, bos)
+        print(name, out[f"b_{name}"], flush=True)
+        del s
+    s = copy.deepcopy(teacher)
+    out["b_qat_train"] = train(s, teacher, windows, args, loss=args.loss_b, tokens=args.tokens_b, lr=args.lr_b,
+                               clip_lr=args.clip_lr_b, qat_bits=2, qat_group_size=64, qat_learn_clip=True,
+                               qat_init_clip="mse")
+    materialize_fake_quant_(s)
+    out["b_qat"] = evaluate(s, teacher, stream, bos)
+    print("qat", out["b_qat"], flush=True)
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def f(x, nd=2):
+    return f"{x:,.{nd}f}"
+
+
+def report(r: dict, args) -> str:
+    t, p, kd, ce = r["teacher"], r["pruned"], r["a_kd"], r["a_ce"]
+    gap = p["ppl"] - t["ppl"]
+    rec = lambda x: 100 * (p["ppl"] - x["ppl"]) / gap  # noqa: E731
+    ak, ac = r["a_kd_train"], r["a_ce_train"]
+    rows_a = [
+        ["original (teacher)", f"{r['params_teacher'] / 1e6:.1f}M", f(t["ppl"]), "0", "-", "-", "-"],
+        ["width-pruned to 75%", f"{r['params_student'] / 1e6:.1f}M", f(p["ppl"]), f(p["kl"], 3), "0", "-", "-"],
+        ["pruned + distillation (forward KL)", "same", f(kd["ppl"]), f(kd["kl"], 3), f"{ak['tokens']:,}",
+         f"{rec(kd):.0f}%", f"{ak['tokens_per_s']:.0f}"],
+        ["pruned + cross-entropy fine-tuning", "same", f(ce["ppl"]), f(ce["kl"], 3), f"{ac['tokens']:,}",
+         f"{rec(ce):.0f}%", f"{ac['tokens_per_s']:.0f}"],
+    ]
+    bq = r["b_qat_train"]
+    rows_b = [
+        ["float (teacher)", f(t["ppl"]), "0", "1.000", "-"],
+        ["RTN W2 g64 (min-max, post-training)", f(r["b_rtn"]["ppl"]), f(r["b_rtn"]["kl"], 3), f(r["b_rtn"]["top1"], 3), "0"],
+        ["RTN W2 g64 + MSE clipping search (post-training)", f(r["b_rtn_mse"]["ppl"]), f(r["b_rtn_mse"]["kl"], 3),
+         f(r["b_rtn_mse"]["top1"], 3), "0"],
+        [f"QAT W2 g64 + distillation ({args.loss_b.upper()}, learnable clipping)", f(r["b_qat"]["ppl"]),
+         f(r["b_qat"]["kl"], 3), f(r["b_qat"]["top1"], 3), f"{bq['tokens']:,}"],
+    ]
+    return f"""## Distillation: prune-then-distill and 2-bit quantization-aware distillation
+
+Command: `flock /tmp/lmpress-heavy.lock python bench/distill.py {' '.join(sys.argv[1:])}` (CPU budget: about
+30 minutes; this run took {r['total_minutes']:.0f} minutes). Model: SmolLM2-135M-Instruct (built-in, fp32).
+Data: built-in Wikipedia corpus; training windows of {args.seq_len} tokens from the calibration documents
+(seed 0, {r['train_rows']} windows; run (a) used {ak['epochs']:.2f} epochs of them), batch {args.batch_size} windows per step, AdamW, warmup 5%
+then cosine, gradient clipping 1.0, bf16 autocast for the forward passes (fp32 weights); perplexity and KL
+to the original model on the evaluation documents (context 512, 4,088 scored tokens, fp32). Machine: {environment()};
+1-minute load average {r['load'][0]:.1f} at the start and {r['load'][1]:.1f} at the end (above 2, other jobs shared the
+2 cores and the tokens/s figures are low).
+
+(a) Student: {r['prune_how']}; non-embedding parameters {r['params_student'] / 1e6:.1f}M of
+{r['params_teacher'] / 1e6:.1f}M ({100 * r['params_student'] / r['params_teacher']:.1f}%). Both runs use
+learning rate {args.lr_a:g} and the same {ak['tokens']:,} training tokens. "Gap recovered" is
+(ppl_pruned - ppl_after) / (ppl_pruned - ppl_teacher).
+
+{md_table(["model", "non-emb. params", "perplexity", "KL to teacher", "train tokens", "gap recovered", "train tokens/s"], rows_a)}
+
+(b) Quantizer: asymmetric min-max per group of 64 input columns, W ≈ (q - z) s, q in [0, 3], every
+linear inside the 30 blocks (embeddings / tied head in float), `lmpress.distill.qat`. QAT: the float
+model is the teacher; learning rate {args.lr_b:g} for the latent weights (and the float embeddings and
+norms), {args.clip_lr_b:g} for the clipping ratios (initialised by the MSE search). The GPTQ W2 g64 figure of the quantization benchmark is the other
+post-training reference (see its section).
+
+{md_table(["W2 g64 model", "perplexity", "KL to float", "top-1 agreement", "train tokens"], rows_b)}
+
+Training throughput on this CPU, teacher forward included (tokens/s): prune-then-distill
+{ak['tokens_per_s']:.0f}, QAT distillation {bq['tokens_per_s']:.0f}; cross-entropy fine-tuning without a
+teacher {ac['tokens_per_s']:.0f}. bfloat16 autocast versus float32 for the pruned student's distillation
+step (3 steps each, same run): {r['tps_bf16_True']:.0f} versus {r['tps_bf16_False']:.0f} tokens/s
+({r['tps_bf16_True'] / r['tps_bf16_False']:.2f}x).
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens-a", type=int, default=65_536)
+    ap.add_argument("--tokens-b", type=int, default=65_536)
+    ap.add_argument("--lr-a", type=float, default=1e-4)
+    ap.add_argument("--lr-b", type=float, default=5e-5)
+    ap.add_argument("--clip-lr-b", type=float, default=5e-3)
+    ap.add_argument("--loss-b", default="cakld")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--only", choices=["a", "b"], default=None)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from lmpress import load_model
+    from lmpress.data import DataConfig, prepare
+    from lmpress.distill.data import corpus_windows
+
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    teacher, tok = load_model()
+    _, stream = prepare(tok, DataConfig(eval_tokens=4096), need_calib=False)
+    rows = -(-max(args.tokens_a, args.tokens_b) // args.seq_len)
+    windows = corpus_windows(tok, None, seq_len=args.seq_len, max_rows=rows, seed=0)
+    r = {"teacher": evaluate(teacher, None, stream, tok.bos_token_id), "train_rows": len(windows)}
+    print("teacher:", r["teacher"], flush=True)
+    if args.only != "b":
+        part_a(teacher, tok, stream, windows, args, r)
+    if args.only != "a":
+        part_b(teacher, tok, stream, windows, args, r)
+    r["total_minutes"] = (time.perf_counter() - t0) / 60
+    r["load"] = (load_start, os.getloadavg()[0])
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2, default=str))
+    if args.only is None:
+        body = report(r, args)
+        print(body)
+        if not args.no_write:
+            write_section("distill", body)
+
+
+if __name__ == "__main__":
+    main()

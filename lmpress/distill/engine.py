@@ -1,0 +1,719 @@
+"""The distillation engine: train any student ``nn.Module`` to match a teacher, on one process or many.
+
+Recipe entry (``lmpress compress --recipe``)::
+
+    - method: prune-width
+      target_params: 0.75
+    - method: distill          # prune-then-distill (Minitron, arXiv 2407.14679)
+      loss: fkl
+      tokens: 2000000
+
+    - method: distill          # quantization-aware distillation, float model as teacher
+      loss: cakld              # BitDistiller, arXiv 2402.10631 (or tsld, arXiv 2308.06744)
+      qat_bits: 2
+      qat_group_size: 64
+
+Python::
+
+    from lmpress.distill import DistillConfig, distill
+    res = distill(student, teacher, DistillConfig(loss="tsld", tokens=200_000), windows=ids, eval_stream=stream, bos=1)
+
+One optimizer step reads a *global batch* of ``batch_size`` windows of ``seq_len`` tokens (picked
+by :func:`lmpress.distill.data.batch_rows` from the step number alone), split over the processes
+and then into ``grad_accum`` micro-batches. Each loss term is summed over its tokens (TSLD: its
+sequences) and divided by the global count, so the gradient is the same whatever the number of
+processes or micro-batches. AdamW, linear warmup then cosine decay to ``min_lr * lr``, gradient
+clipping. A student holding :class:`lmpress.distill.qat.FakeQuantLinear` layers is trained through
+their straight-through estimator (``qat_bits`` inserts them).
+
+Checkpoints (``checkpoint_dir/checkpoint.pt``, written to a temporary file then renamed) hold the
+student (and hidden-state projections), optimizer, scheduler, torch RNG state, the step (the data
+position), the loss history and a digest of the training windows; a run pointed at a folder
+holding one resumes from it and reproduces the uninterrupted run's losses bit for bit.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the gloo process group is initialised and the
+student wrapped in ``DistributedDataParallel`` (or FSDP2 ``fully_shard`` with ``fsdp=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from . import data as D
+from . import losses as L
+
+TRAJECTORY_FIELDS = ("loss", "temperature", "label_smoothing", "beta", "alpha", "tsld_tau", "gamma", "ce_weight",
+                     "hidden_loss", "hidden_weight", "attention_weight", "tokens", "batch_size", "seq_len", "lr",
+                     "weight_decay", "warmup", "min_lr", "grad_clip", "on_policy", "prompt_len",
+                     "sample_temperature", "seed", "bf16", "qat_bits", "qat_group_size", "qat_learn_clip",
+                     "qat_init_clip", "clip_lr", "data", "topk")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation settings; the same object is the Python argument and the recipe entry."""
+
+    method: ClassVar[str] = "distill"
+    needs_calibration: ClassVar[bool] = False
+
+    loss: str = "fkl"  # fkl rkl jsd tv skl srkl tsld cakld, or ce (plain fine-tuning, no teacher)
+    temperature: float = 1.0  # softmax temperature of both models; the loss is scaled by T^2
+    label_smoothing: float = 0.0  # smoothing of the teacher distribution toward uniform
+    beta: float = 0.5  # jsd mixture weight
+    alpha: float = 0.1  # skl / srkl skew
+    tsld_tau: float = 10.0  # TSLD token-scale temperature
+    gamma: float | None = None  # CAKLD confidence; None: estimated on the first batches
+    ce_weight: float = 0.0  # adds ce_weight * next-token cross-entropy on the data
+    hidden_loss: str | None = None  # mse | cosine: hint loss on hidden states of matched layers
+    hidden_weight: float = 1.0
+    attention_weight: float = 0.0  # > 0 adds attention-map KL (runs both models with eager attention)
+    tokens: int = 2_000_000  # training budget: steps = ceil(tokens / (batch_size * seq_len))
+    batch_size: int = 8  # global windows per optimizer step
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per process per step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of the steps with linear warmup
+    min_lr: float = 0.1  # final learning rate as a fraction of lr (cosine decay)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    data: str = "corpus"  # corpus | teacher (sequence-level KD: teacher-written continuations)
+    topk: int = 0  # > 0: cache the teacher's top-k log-probs once (topk_cache) and train from it
+    topk_cache: str | None = None  # folder of the top-k cache (written when missing)
+    prompt_len: int = 32  # prompt tokens kept before teacher / on-policy continuations
+    sample_temperature: float = 1.0  # sampling temperature for teacher and on-policy sequences
+    on_policy: float = 0.0  # fraction of steps trained on student-sampled continuations
+    eval_every: int = 0  # steps between evaluations (perplexity, KL to the teacher); 0: none
+    eval_context: int = 512
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps between checkpoints (and one at the end); 0: end only
+    seed: int = 0
+    bf16: bool = False  # bfloat16 autocast for both models' forward (fp32 master weights and loss)
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DistributedDataParallel
+    qat_bits: int | None = None  # fake-quantize the student's block linears before training
+    qat_group_size: int = 64
+    qat_learn_clip: bool = True
+    qat_init_clip: str | None = "mse"
+    clip_lr: float | None = None  # learning rate of the QAT clipping ratios (None: lr)
+
+    def __post_init__(self):
+        if self.loss not in L.LOSS_NAMES + ("ce",):
+            raise ValueError(f"loss must be one of {', '.join(L.LOSS_NAMES + ('ce',))}, got {self.loss!r}")
+        if self.hidden_loss not in (None, *L.HIDDEN_LOSSES):
+            raise ValueError(f"hidden_loss must be one of {', '.join(L.HIDDEN_LOSSES)} or None, got {self.hidden_loss!r}")
+        _positive(self, "temperature", "tokens", "batch_size", "seq_len", "grad_accum", "lr", "tsld_tau")
+        _unit(self, "label_smoothing", "on_policy", "warmup", "min_lr")
+        if not 0 < self.beta < 1 or not 0 <= self.alpha < 1:
+            raise ValueError(f"need 0 < beta < 1 and 0 <= alpha < 1, got beta={self.beta}, alpha={self.alpha}")
+        if self.gamma is not None and not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        if self.data not in ("corpus", "teacher"):
+            raise ValueError(f"data must be 'corpus' or 'teacher', got {self.data!r}")
+        if (self.on_policy or self.data == "teacher") and not 0 < self.prompt_len < self.seq_len:
+            raise ValueError(f"prompt_len must lie between 1 and seq_len - 1, got {self.prompt_len}")
+        if self.topk and (self.on_policy or self.hidden_loss or self.attention_weight):
+            raise ValueError("a top-k teacher cache holds logits only: it cannot serve on_policy, hidden_loss or attention_weight")
+        if self.topk and not self.topk_cache:
+            raise ValueError("topk > 0 needs topk_cache, the folder to keep the cached teacher predictions in")
+        if self.loss == "ce" and (self.hidden_loss or self.attention_weight or self.on_policy or self.topk):
+            raise ValueError("loss='ce' is plain fine-tuning without a teacher: drop hidden/attention/on-policy/top-k options")
+        if self.qat_bits is not None and not 1 <= self.qat_bits <= 8:
+            raise ValueError(f"qat_bits must be 1-8 or None, got {self.qat_bits}")
+
+
+def _positive(cfg, *names):
+    for n in names:
+        if not getattr(cfg, n) > 0:
+            raise ValueError(f"{n} must be > 0, got {getattr(cfg, n)}")
+
+
+def _unit(cfg, *names):
+    for n in names:
+        if not 0 <= getattr(cfg, n) <= 1:
+            raise ValueError(f"{n} must lie in [0, 1], got {getattr(cfg, n)}")
+
+
+def total_steps(cfg: DistillConfig) -> int:
+    return math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
+
+
+# ---- forward passes ---------------------------------------------------------------------------
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def forward(model: nn.Module, ids, *, hidden: bool = False, attention: bool = False) -> dict:
+    """``{"logits": (B, T, V), "hidden": tuple or None, "attentions": tuple or None}`` of any model:
+    a Hugging Face causal LM, or any module returning logits or an object with ``.logits``."""
+    kw = {"use_cache": False} if _takes(model, "use_cache") else {}
+    if hidden:
+        kw["output_hidden_states"] = True
+    if attention:
+        kw["output_attentions"] = True
+    out = model(ids, **kw)
+    if isinstance(out, torch.Tensor):
+        if hidden or attention:
+            raise InputError(f"{type(model).__name__} returns only logits; hidden_loss / attention_weight need a model "
+                             "that returns hidden_states / attentions")
+        return {"logits": out, "hidden": None, "attentions": None}
+    return {"logits": out.logits, "hidden": getattr(out, "hidden_states", None), "attentions": getattr(out, "attentions", None)}
+
+
+def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Matched hidden-state indices ``(student j, teacher max(1, round(j * Lt / Ls)))`` for j = 1..Ls
+    (index 0 is the embedding output, never matched); the last layers always pair up."""
+    return [(j, max(1, round(j * n_teacher / n_student))) for j in range(1, n_student + 1)]
+
+
+class Trainee(nn.Module):
+    """The trained modules: the student and, for hint losses across widths, the projections."""
+
+    def __init__(self, student: nn.Module, proj: nn.Module | None):
+        super().__init__()
+        self.student, self.proj = student, proj
+
+    def forward(self, ids, hidden: bool = False, attention: bool = False) -> dict:
+        out = forward(self.student, ids, hidden=hidden, attention=attention)
+        if hidden and self.proj is not None:
+            out["hidden"] = [self.proj(i, h) for i, h in enumerate(out["hidden"][1:])]
+        elif hidden:
+            out["hidden"] = list(out["hidden"][1:])
+        return out
+
+
+# ---- one optimizer step ----------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a training step needs; built once by :func:`distill`."""
+
+    cfg: DistillConfig
+    model: nn.Module  # the Trainee, wrapped for DDP/FSDP when distributed
+    trainee: Trainee
+    teacher: nn.Module | None
+    source: Any  # (n, L) windows tensor or a TopKCache
+    rank: int = 0
+    world: int = 1
+    gamma: float | None = None
+    pairs: list | None = None  # hidden-state layer pairs
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+
+def _fetch(run: Run, rows) -> dict:
+    if isinstance(run.source, torch.Tensor):
+        return {"ids": run.source[rows]}
+    ids, values, indices = run.source.get(rows)
+    return {"ids": ids, "values": values, "indices": indices}
+
+
+def _local_batch(run: Run, step: int) -> tuple[dict, bool]:
+    """This process's share of the global batch of ``step``, with its loss mask (b, L-1)."""
+    cfg, n = run.cfg, len(run.source)
+    rows = D.batch_rows(n, cfg.batch_size, step, cfg.seed)
+    per = cfg.batch_size // run.world
+    batch = _fetch(run, rows[run.rank * per : (run.rank + 1) * per])
+    ids = batch["ids"]
+    batch["mask"] = torch.ones(ids.shape[0], ids.shape[1] - 1)
+    on_policy = D.on_policy_step(step, cfg.on_policy, cfg.seed)
+    if on_policy:
+        student = run.trainee.student
+        was = student.training
+        student.eval()
+        g = D._generator(cfg.seed, 37, step, run.rank)
+        batch["ids"] = D.sample(student, ids[:, : cfg.prompt_len], ids.shape[1] - cfg.prompt_len,
+                                temperature=cfg.sample_temperature, generator=g, bf16=cfg.bf16)
+        student.train(was)
+        batch["mask"][:, : cfg.prompt_len - 1] = 0  # score only the student-written tokens
+    return batch, on_policy
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    chunks = {k: v.chunk(parts) for k, v in batch.items()}
+    return [{k: chunks[k][i] for k in batch} for i in range(len(chunks["ids"]))]
+
+
+def _kd_sum(run: Run, mb: dict, s_logits, t_out, targets):
+    """Summed distillation loss of one micro-batch (logit part)."""
+    cfg, mask = run.cfg, mb["mask"]
+    kw = dict(beta=cfg.beta, alpha=cfg.alpha, gamma=run.gamma, tau=cfg.tsld_tau, temperature=cfg.temperature, reduction="sum")
+    if "values" in mb:
+        return D.topk_loss(cfg.loss, s_logits, mb["values"], mb["indices"], mask, targets=targets,
+                           label_smoothing=cfg.label_smoothing, **kw)
+    t_logits = t_out["logits"][:, :-1]
+    logp, logq = L.log_probs(s_logits, t_logits, cfg.temperature, cfg.label_smoothing)
+    nll = L.token_nll(t_logits, targets) if cfg.loss == "tsld" else None
+    return L.divergence_loss(cfg.loss, logp, logq, mask, teacher_nll=nll, **kw)
+
+
+def _feature_sums(run: Run, mb: dict, s_out, t_out) -> dict:
+    cfg, mask, out = run.cfg, mb["mask"], {}
+    if cfg.hidden_loss:
+        fn = L.HIDDEN_LOSSES[cfg.hidden_loss]
+        terms = [fn(s_out["hidden"][j - 1][:, :-1], t_out["hidden"][t][:, :-1], mask, reduction="sum") for j, t in run.pairs]
+        out["hidden"] = sum(terms) / len(terms)
+    if cfg.attention_weight:
+        terms = [L.attention_kl(s_out["attentions"][j - 1][:, :, :-1], t_out["attentions"][t - 1][:, :, :-1], mask,
+                                reduction="sum") for j, t in run.pairs]
+        out["attention"] = sum(terms) / len(terms)
+    return out
+
+
+def micro_loss_sums(run: Run, mb: dict) -> dict:
+    """Loss terms of one micro-batch, each summed over its tokens (kd under TSLD: over sequences)."""
+    cfg = run.cfg
+    hidden, attn = bool(cfg.hidden_loss), bool(cfg.attention_weight)
+    ids = mb["ids"]
+    targets = ids[:, 1:]  # (b, L-1)
+    with run.autocast():
+        s_out = run.model(ids, hidden=hidden, attention=attn)
+    s_logits = s_out["logits"][:, :-1]
+    sums = {}
+    if cfg.loss == "ce" or cfg.ce_weight:
+        sums["ce"] = L.cross_entropy(s_logits, targets, mb["mask"], reduction="sum")
+    if cfg.loss == "ce":
+        return sums
+    t_out = None
+    if "values" not in mb:
+        with torch.no_grad(), run.autocast():
+            t_out = forward(run.teacher, ids, hidden=hidden, attention=attn)
+    sums["kd"] = _kd_sum(run, mb, s_logits, t_out, targets)
+    sums.update(_feature_sums(run, mb, s_out, t_out))
+    return sums
+
+
+def _weights(cfg: DistillConfig) -> dict:
+    if cfg.loss == "ce":
+        return {"ce": 1.0}
+    return {"kd": 1.0, "ce": cfg.ce_weight, "hidden": cfg.hidden_weight, "attention": cfg.attention_weight}
+
+
+def _counts(run: Run, batch: dict) -> tuple[float, float]:
+    """Global (tokens, sequences) that the loss terms are normalised by."""
+    m = batch["mask"]
+    c = torch.tensor([m.sum().item(), (m.sum(-1) > 0).sum().item()], dtype=torch.float64)
+    if run.world > 1:
+        torch.distributed.all_reduce(c)
+    return c[0].item(), c[1].item()
+
+
+def _sync_context(run: Run, last: bool):
+    if run.world == 1:
+        return nullcontext()
+    if run.cfg.fsdp:
+        run.model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last else run.model.no_sync()
+
+
+def train_step(run: Run, step: int, optimizer, scheduler, params) -> dict:
+    """One optimizer step over the global batch of ``step``; returns its figures (global means)."""
+    cfg = run.cfg
+    batch, on_policy = _local_batch(run, step)
+    n_tok, n_seq = _counts(run, batch)
+    denom = {"kd": n_seq if cfg.loss == "tsld" else n_tok}
+    weights = _weights(cfg)
+    micro = _split(batch, cfg.grad_accum)
+    totals: dict[str, float] = {}
+    for i, mb in enumerate(micro):
+        with _sync_context(run, i == len(micro) - 1):
+            sums = micro_loss_sums(run, mb)
+            loss = sum(weights[k] * v / denom.get(k, n_tok) for k, v in sums.items())
+            (loss * run.world).backward()  # DDP/FSDP average gradients over processes
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + v.detach().double().item()
+    figures = _global_means(run, totals, denom, n_tok)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    figures["loss"] = sum(weights[k] * v for k, v in figures.items())
+    return {"step": step, **figures, "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
+            "lr": lr, "on_policy": on_policy}
+
+
+def _global_means(run: Run, totals: dict, denom: dict, n_tok: float) -> dict:
+    keys = sorted(totals)
+    t = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    if run.world > 1:
+        torch.distributed.all_reduce(t)
+    return {k: t[i].item() / denom.get(k, n_tok) for i, k in enumerate(keys)}
+
+
+# ---- setup: distributed, optimizer, schedule, CAKLD gamma --------------------------------------
+
+
+def dist_setup() -> tuple[int, int]:
+    """``(rank, world)``; initialises the gloo process group when launched by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _wrap(trainee: Trainee, cfg: DistillConfig, world: int) -> nn.Module:
+    if world == 1:
+        return trainee
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from .. import arch
+
+        try:
+            for block in arch.blocks(trainee.student):
+                fully_shard(block)
+        except InputError:
+            pass  # a student without recognisable blocks is sharded as one unit
+        fully_shard(trainee)
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(trainee)
+
+
+def make_optimizer(model: nn.Module, cfg: DistillConfig):
+    """``(AdamW, trainable params)``; QAT clipping ratios get ``clip_lr`` and no weight decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    clip = [p for n, p in named if n.endswith(("clip_lo", "clip_hi"))]
+    rest = [p for n, p in named if not n.endswith(("clip_lo", "clip_hi"))]
+    groups = [{"params": rest}]
+    if clip:
+        groups.append({"params": clip, "lr": cfg.clip_lr or cfg.lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), rest + clip
+
+
+def cosine_schedule(optimizer, cfg: DistillConfig, steps: int):
+    """Linear warmup over ``warmup * steps`` steps, then cosine decay from lr to ``min_lr * lr``."""
+    warm = int(cfg.warmup * steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, steps - warm))
+        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def estimate_gamma(run: Run, batches: int = 4) -> float:
+    """CAKLD's gamma: the teacher's mean probability of the next token over the first ``batches`` steps' data."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for step in range(min(batches, total_steps(run.cfg))):
+        rows = D.batch_rows(len(run.source), run.cfg.batch_size, step, run.cfg.seed)
+        per = run.cfg.batch_size // run.world
+        b = _fetch(run, rows[run.rank * per : (run.rank + 1) * per])
+        targets = b["ids"][:, 1:]
+        if "values" in b:
+            logp = D.teacher_buckets(b["values"], run.source.vocab)
+            nll = D.topk_teacher_nll(logp, b["indices"], targets)
+        else:
+            with run.autocast():
+                nll = L.token_nll(forward(run.teacher, b["ids"])["logits"][:, :-1], targets)
+        total += torch.tensor([(-nll).exp().sum().item(), nll.numel()], dtype=torch.float64)
+    if run.world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def _digest(source) -> str:
+    ids = source if isinstance(source, torch.Tensor) else source.windows()
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def _state(run: Run, optimizer):
+    """Full (unsharded) model and optimizer state; under FSDP only rank 0 gets them."""
+    if run.world > 1 and run.cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(run.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.trainee.state_dict(), optimizer.state_dict()
+
+
+def save_checkpoint(path: Path, run: Run, optimizer, scheduler, step: int, extra: dict) -> None:
+    """Write the training state atomically (temporary file, then rename); rank 0 writes."""
+    model_sd, optim_sd = _state(run, optimizer)
+    if run.rank != 0:
+        return
+    ck = {"version": 1, "step": step, "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+          "rng": torch.get_rng_state(), "gamma": run.gamma, "world": run.world,
+          "config": {k: getattr(run.cfg, k) for k in TRAJECTORY_FIELDS}, **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, run: Run, optimizer, scheduler, digest: str) -> dict:
+    """Restore the state saved by :func:`save_checkpoint`; returns the checkpoint dict."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
+    want = {k: getattr(run.cfg, k) for k in TRAJECTORY_FIELDS}
+    diff = sorted(k for k in want if ck["config"].get(k) != want[k])
+    if diff:
+        raise InputError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
+                         "use another checkpoint_dir or the same settings")
+    if ck["data"] != digest:
+        raise InputError(f"checkpoint {path} was written for other training data; use another checkpoint_dir")
+    if run.world > 1 and run.cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(run.model, optimizer, model_state_dict=ck["model"], optim_state_dict=ck["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        run.trainee.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"])
+    run.gamma = ck["gamma"]
+    return ck
+
+
+# ---- the training loop ---------------------------------------------------------------------------
+
+
+def _check_models(student, teacher, cfg: DistillConfig, cached: bool) -> None:
+    if cfg.loss == "ce":
+        return
+    if teacher is None and not cached:
+        raise InputError(f"loss {cfg.loss!r} needs a teacher model; give one, or use loss='ce' for plain fine-tuning")
+    if teacher is not None and hasattr(student, "get_output_embeddings") and hasattr(teacher, "get_output_embeddings"):
+        vs, vt = D._vocab(student), D._vocab(teacher)
+        if vs != vt:
+            raise InputError(f"student vocabulary ({vs}) differs from the teacher's ({vt}); distillation needs the same tokenizer")
+
+
+def _check_cache(student, cache) -> None:
+    if cache is not None and hasattr(student, "get_output_embeddings") and D._vocab(student) != cache.vocab:
+        raise InputError(f"student vocabulary ({D._vocab(student)}) differs from the cached teacher's ({cache.vocab})")
+
+
+def _projection(student, teacher, cfg: DistillConfig):
+    """``(pairs, projection or None)`` for the hint losses."""
+    if not (cfg.hidden_loss or cfg.attention_weight):
+        return None, None
+    ns = _n_layers(student)
+    nt = _n_layers(teacher)
+    pairs = layer_map(ns, nt)
+    if not cfg.hidden_loss:
+        return pairs, None
+    ds, dt = _width(student), _width(teacher)
+    return pairs, (L.HiddenProjection(ds, dt, ns) if ds != dt else None)
+
+
+def _n_layers(model) -> int:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n is None:
+        raise InputError(f"{type(model).__name__} has no config.num_hidden_layers; hidden/attention losses need a Hugging Face model")
+    return n
+
+
+def _width(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def _set_eager(models, on: bool) -> list:
+    """Switch models to eager attention (needed for attention maps); returns their previous settings."""
+    prev = []
+    for m in models:
+        prev.append(m.config._attn_implementation)
+        if on:
+            m.set_attn_implementation("eager")
+    return prev
+
+
+def _evaluate(run: Run, eval_stream, bos, step: int) -> dict:
+    from ..evaluate import compare, perplexity
+
+    student = run.trainee.student
+    was = student.training
+    student.eval()
+    # the outer inference_mode restores the grad mode on exit, whatever the evaluators leave set
+    with torch.inference_mode(), run.autocast():
+        ppl = perplexity(student, eval_stream, context=run.cfg.eval_context, bos=bos)
+        agr = compare(student, run.teacher, eval_stream, context=run.cfg.eval_context, bos=bos) if run.teacher is not None else None
+    student.train(was)
+    out = {"step": step, "perplexity": ppl.ppl}
+    if agr is not None:
+        out.update(kl=agr.kl, top1=agr.top1)
+    return out
+
+
+def _postfix(pbar, rec: dict, tok_s: float) -> None:
+    if hasattr(pbar, "set_postfix"):
+        pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:.0f}")
+
+
+def distill(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, *, windows=None, cache=None,
+            eval_stream=None, bos=None, progress: bool = True, callback=None) -> dict:
+    """Train ``student`` in place toward ``teacher`` on ``windows`` (n, L) or a top-k ``cache``.
+
+    ``eval_stream`` (1-D token ids) with ``cfg.eval_every`` gives perplexity and KL to the teacher
+    at step 0, every ``eval_every`` steps and at the end. ``callback(record)`` is called after every
+    step (after its checkpoint). Returns the figures and the per-step history.
+    """
+    from .qat import to_fake_quant_
+
+    _check_models(student, teacher, cfg, cache is not None)
+    _check_cache(student, cache)
+    source = cache if cache is not None else windows
+    if source is None or len(source) == 0:
+        raise InputError("no training data: give windows (n, seq_len token ids) or a top-k cache")
+    seq_len = source.shape[1] if isinstance(source, torch.Tensor) else source.seq_len
+    if seq_len != cfg.seq_len:
+        raise InputError(f"the training windows have {seq_len} tokens, the config asks for seq_len={cfg.seq_len}")
+    rank, world = dist_setup()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise InputError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world} x {cfg.grad_accum}")
+    torch.manual_seed(cfg.seed)
+    if cfg.qat_bits:
+        to_fake_quant_(student, cfg.qat_bits, cfg.qat_group_size, learn_clip=cfg.qat_learn_clip, init_clip=cfg.qat_init_clip)
+    pairs, proj = _projection(student, teacher, cfg)
+    prev_attn = _set_eager([student, teacher], True) if cfg.attention_weight else None
+    if teacher is not None:
+        teacher.eval()
+    student.train()
+    trainee = Trainee(student, proj)
+    run = Run(cfg, _wrap(trainee, cfg, world), trainee, teacher, source, rank, world, cfg.gamma, pairs)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # whatever grad mode the caller left set
+            res = _train(run, eval_stream, bos, progress, callback)
+        if world > 1 and cfg.fsdp:
+            res["student_state"] = gather_student(run)
+        return res
+    finally:
+        student.eval()
+        if prev_attn is not None:
+            for m, impl in zip([student, teacher], prev_attn):
+                m.set_attn_implementation(impl)
+
+
+def gather_student(run: Run) -> dict:
+    """The full (unsharded) student state dict on every process, after FSDP training (a collective:
+    every process calls it); the student itself stays sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True))
+    return {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
+
+
+def _train(run: Run, eval_stream, bos, progress: bool, callback) -> dict:
+    from ..progress import bar
+
+    cfg = run.cfg
+    optimizer, params = make_optimizer(run.model, cfg)
+    steps = total_steps(cfg)
+    scheduler = cosine_schedule(optimizer, cfg, steps)
+    ck_path = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
+    digest = _digest(run.source) if ck_path else None
+    history, evals, start = [], [], 0
+    if ck_path is not None and ck_path.exists():
+        ck = load_checkpoint(ck_path, run, optimizer, scheduler, digest)
+        start, history, evals = ck["step"], ck["history"], ck["evals"]
+    if cfg.loss == "cakld" and run.gamma is None:
+        run.gamma = estimate_gamma(run)
+    evaluating = eval_stream is not None and cfg.eval_every > 0 and (run.rank == 0 or cfg.fsdp)
+    if evaluating and start == 0:
+        evals.append(_evaluate(run, eval_stream, bos, 0))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    train_s, t_start = 0.0, time.perf_counter()
+    pbar = bar(range(start, steps), desc="distill", total=steps - start, enabled=progress and run.rank == 0)
+    for step in pbar:
+        t0 = time.perf_counter()
+        rec = train_step(run, step, optimizer, scheduler, params)
+        train_s += time.perf_counter() - t0
+        rec["tokens"] = (step + 1) * tokens_per_step
+        history.append(rec)
+        _postfix(pbar, rec, (step + 1 - start) * tokens_per_step / train_s)
+        done = step + 1
+        if evaluating and (done % cfg.eval_every == 0 or done == steps):
+            evals.append(_evaluate(run, eval_stream, bos, done))
+        if ck_path is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps):
+            save_checkpoint(ck_path, run, optimizer, scheduler, done, {"history": history, "evals": evals, "data": digest})
+        if callback is not None:
+            callback(rec)
+    run_tokens = (steps - start) * tokens_per_step
+    n_rows = len(run.source)
+    return {
+        "steps": steps, "resumed_from": start, "tokens": steps * tokens_per_step,
+        "epochs": steps * cfg.batch_size / n_rows, "train_rows": n_rows,
+        "train_seconds": train_s, "wall_seconds": time.perf_counter() - t_start,
+        "tokens_per_s": run_tokens / train_s if train_s else None,
+        "loss_first": history[0]["loss"] if history else None, "loss_last": history[-1]["loss"] if history else None,
+        "on_policy_steps": sum(r["on_policy"] for r in history), "gamma": run.gamma,
+        "processes": run.world, "history": history, "evals": evals,
+    }
+
+
+# ---- the recipe entry ------------------------------------------------------------------------------
+
+
+def training_data(cfg: DistillConfig, teacher, tokenizer, corpus=None, *, progress: bool = True):
+    """``(windows, cache)`` for ``cfg``: corpus windows (or teacher-written ones), or a top-k cache
+    (written to ``cfg.topk_cache`` on first use)."""
+    if cfg.topk and cfg.topk_cache and (Path(cfg.topk_cache) / "meta.json").exists():
+        cache = D.TopKCache(cfg.topk_cache)
+        if (cache.k, cache.seq_len, cache.temperature) != (cfg.topk, cfg.seq_len, cfg.temperature):
+            raise InputError(f"{cfg.topk_cache} holds top-{cache.k} at seq_len {cache.seq_len}, temperature "
+                             f"{cache.temperature}; the config asks for top-{cfg.topk}, {cfg.seq_len}, {cfg.temperature}")
+        return None, cache
+    rows = total_steps(cfg) * cfg.batch_size  # one epoch when the corpus holds enough text
+    windows = D.corpus_windows(tokenizer, corpus, seq_len=cfg.seq_len, max_rows=rows, seed=cfg.seed)
+    if cfg.data == "teacher":
+        windows = D.teacher_sequences(teacher, windows, prompt_len=cfg.prompt_len, temperature=cfg.sample_temperature,
+                                      seed=cfg.seed, bf16=cfg.bf16, progress=progress)
+    if cfg.topk:
+        path = D.cache_teacher_topk(teacher, windows, cfg.topk_cache, k=cfg.topk, temperature=cfg.temperature,
+                                    bf16=cfg.bf16, progress=progress)
+        return None, D.TopKCache(path)
+    return windows, None
+
+
+def distill_(model, cfg: DistillConfig, ctx) -> dict:
+    """Recipe entry: distill ``model`` toward ``ctx.teacher`` (the uncompressed model) on the
+    corpus of ``ctx.data``; fake-quantized layers are turned back into plain linears on the
+    quantization grid at the end. Returns the figures (history included)."""
+    from ..data import DataConfig, prepare
+    from .qat import materialize_fake_quant_
+
+    if ctx.teacher is None and cfg.loss != "ce":
+        raise InputError("the distill stage needs the teacher (the original model) in the run context")
+    if ctx.tokenizer is None:
+        raise InputError("the distill stage needs the tokenizer to build its training windows")
+    data = ctx.data or DataConfig()
+    windows, cache = training_data(cfg, ctx.teacher, ctx.tokenizer, data.corpus, progress=ctx.progress)
+    stream = prepare(ctx.tokenizer, data, need_calib=False)[1] if cfg.eval_every else None
+    res = distill(model, ctx.teacher, cfg, windows=windows, cache=cache, eval_stream=stream,
+                  bos=ctx.tokenizer.bos_token_id, progress=ctx.progress)
+    res["materialized_fake_quant_layers"] = materialize_fake_quant_(model)
+    return res

@@ -1,0 +1,106 @@
+"""FakeQuantLinear: forward equals the dequantized RTN weights; the straight-through gradients flow."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmpress import arch
+from lmpress.distill import qat
+from lmpress.errors import InputError
+
+
+def rtn_reference(W, bits, g):
+    """Independent asymmetric min-max RTN per group of g columns: W_hat = (q - z) * s."""
+    out = torch.empty_like(W)
+    qmax = 2**bits - 1
+    for r in range(W.shape[0]):
+        for c in range(0, W.shape[1], g):
+            w = W[r, c : c + g]
+            s = max((w.max() - w.min()).item(), 1e-8) / qmax
+            z = min(max(round(-w.min().item() / s), 0), qmax)
+            q = torch.clamp(torch.round(w / s) + z, 0, qmax)
+            out[r, c : c + g] = (q - z) * s
+    return out
+
+
+@pytest.mark.parametrize("bits,g", [(2, 8), (4, 16), (3, -1)])
+def test_forward_equals_dequantized_rtn(bits, g):
+    torch.manual_seed(0)
+    W, b = torch.randn(6, 32), torch.randn(6)
+    layer = qat.FakeQuantLinear(W, b, bits, g)
+    ref = rtn_reference(W, bits, 32 if g == -1 else g)
+    assert torch.allclose(layer.dequantized(), ref, atol=1e-6)
+    x = torch.randn(3, 32)
+    assert torch.allclose(layer(x), x @ ref.T + b, atol=1e-5)
+    q, s, z = layer.codes()
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
+    G = s.shape[1]
+    assert torch.allclose(((q.float().view(6, G, -1) - z[..., None]) * s[..., None]).view(6, 32), ref, atol=1e-6)
+    assert len(set(ref[0, : (32 if g == -1 else g)].tolist())) <= 2**bits
+
+
+def test_straight_through_gradients():
+    torch.manual_seed(0)
+    W = torch.randn(4, 16)
+    layer = qat.FakeQuantLinear(W, None, 2, 8)
+    x = torch.randn(5, 16)
+    layer(x).pow(2).sum().backward()
+    W_hat = layer.dequantized().detach().requires_grad_(True)
+    (x @ W_hat.T).pow(2).sum().backward()
+    # min-max grid: every weight lies inside the clipping range, so dL/dW = dL/dW_hat exactly
+    assert torch.allclose(layer.weight.grad, W_hat.grad, atol=1e-5)
+    # learnable clipping: the ratios get gradients, the clipped weights none
+    lc = qat.FakeQuantLinear(W, None, 2, 8, learn_clip=True, clip=torch.full((4, 2), 0.7))
+    lc(x).pow(2).sum().backward()
+    assert lc.clip_hi.grad.abs().sum() > 0 and lc.clip_lo.grad.abs().sum() > 0
+    s, z = qat.quant_params(W, 2, 8, lc.clip_lo, lc.clip_hi)
+    code = torch.round(W.view(4, 2, 8) / s[..., None].detach()) + z[..., None].detach()  # before the clamp
+    outside = (code < 0) | (code > 3)
+    gw = lc.weight.grad.view(4, 2, 8)
+    assert outside.any() and (gw[outside] == 0).all() and (gw[~outside] != 0).any()
+
+
+def test_mse_clip_lowers_weight_error():
+    torch.manual_seed(0)
+    W = torch.randn(16, 128)
+    err_rtn = (qat.fake_quantize(W, 2, 64) - W).pow(2).sum()
+    c = qat.mse_clip_ratios(W, 2, 64)
+    err_mse = (qat.fake_quantize(W, 2, 64, c, c) - W).pow(2).sum()
+    assert err_mse < err_rtn and c.min() < 1.0
+
+
+def test_to_fake_quant_model_roundtrip(llama):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (2, 8))
+    linears = arch.compressible_linears(llama)
+    ref = {n: rtn_reference(arch.linear_weight(m).detach(), 4, 16) for n, m in linears.items()}
+    layers = qat.to_fake_quant_(llama, bits=4, group_size=16)
+    assert set(layers) == set(linears) and len(layers) == 3 * 7
+    assert isinstance(llama.lm_head, nn.Linear)  # the head stays float
+    w = qat.fake_quant_weights(llama)
+    assert all(torch.allclose(w[n], ref[n], atol=1e-6) for n in ref)
+    with torch.no_grad():
+        out = llama(ids).logits
+    assert qat.materialize_fake_quant_(llama) == 21
+    assert all(type(m) is nn.Linear for m in arch.compressible_linears(llama).values())
+    with torch.no_grad():
+        assert torch.allclose(llama(ids).logits, out, atol=1e-5)
+
+
+def test_gpt2_conv1d_roundtrip():
+    from tiny import tiny_model
+
+    m = tiny_model("gpt2")
+    ids = torch.randint(3, 256, (1, 6))
+    qat.to_fake_quant_(m, bits=8, group_size=16)
+    with torch.no_grad():
+        out = m(ids).logits
+    qat.materialize_fake_quant_(m)
+    assert type(m.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, out, atol=1e-5)
+
+
+def test_bad_group_size():
+    with pytest.raises(InputError, match="does not divide"):
+        qat.FakeQuantLinear(torch.randn(4, 30), None, 2, 64)
