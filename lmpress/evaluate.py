@@ -49,9 +49,9 @@ def _batches(model, ids: torch.Tensor, progress: bool, desc: str):
     per_row = ids.shape[1] * vocab * 4 * 2
     b = max(1, min(len(ids), LOGIT_BYTES // per_row))
     for s in bar(range(0, len(ids), b), desc=desc, enabled=progress):
-        with torch.inference_mode():
-            logits = model(ids[s : s + b], use_cache=False).logits
-            yield s, torch.log_softmax(logits.float(), dim=-1)
+        with torch.inference_mode():  # never yield inside: a suspended generator would leave it on
+            logp = torch.log_softmax(model(ids[s : s + b], use_cache=False).logits.float(), dim=-1)
+        yield s, logp
 
 
 @dataclass

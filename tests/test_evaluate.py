@@ -57,6 +57,8 @@ def test_kl_zero_against_itself_and_positive_against_other():
     assert abs(same.kl) < 1e-6 and same.top1 == 1.0
     other = ev.compare(a, b, stream, context=32, bos=1)
     assert other.kl > 1e-3 and other.top1 < 1.0
+    # evaluation must not leave inference mode (or no-grad) switched on for the caller
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
 
 
 def test_multiple_choice_prefers_learned_continuation(byte_tok):
