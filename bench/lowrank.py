@@ -111,6 +111,9 @@ def run(args) -> None:
         print(label, ratio, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}, flush=True)
         shutil.rmtree(out, ignore_errors=True)
         del student, again
+        if args.write and len(results) < len(runs):  # a partial table survives an interrupted run
+            write_section("lowrank", report(args, base, results, calib.shape, time.perf_counter() - t_all,
+                                            f"PARTIAL: {len(results)} of {len(runs)} runs done; the run was still going."))
     shutil.rmtree(tmp, ignore_errors=True)
     body = report(args, base, results, calib.shape, time.perf_counter() - t_all)
     print(body)
@@ -118,7 +121,7 @@ def run(args) -> None:
         write_section("lowrank", body)
 
 
-def report(args, base, results, calib_shape, wall) -> str:
+def report(args, base, results, calib_shape, wall, note: str = "") -> str:
     mb = 1e6
     header = ["ratio", "method", "perplexity", "Δppl", "KL", "top-1", "linear params", "linear MB",
               "disk MB", "decode tok/s (x dense)", "compress s"]
@@ -148,6 +151,7 @@ DSFormer layers multiply by a cached dense coefficient matrix (sparse products w
 {md_table(header, rows)}
 
 {verdicts}
+{note}
 """
 
 

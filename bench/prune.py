@@ -55,6 +55,7 @@ class Bench:
         from lmpress.io import resolve_model_path
 
         self.args = args
+        self.context = 512
         self.model_dir = resolve_model_path(None)
         self.base, self.tok = load_model()
         self.data = DataConfig(calib_samples=args.calib_samples)
@@ -83,12 +84,12 @@ class Bench:
 
         model, _ = load_model(folder)  # measure what was saved, after a round trip
         bos = self.tok.bos_token_id
-        ppl = perplexity(model, self.stream, context=512, bos=bos)
-        agr = compare(model, self.base, self.stream, context=512, bos=bos)
+        ppl = perplexity(model, self.stream, context=self.context, bos=bos)
+        agr = compare(model, self.base, self.stream, context=self.context, bos=bos)
         sp = speed(model, repeats=3)
         counts = param_counts(model)
         nonzero = sum(int((p != 0).sum()) for p in _weights(model))
-        return {"folder": str(folder), "ppl": ppl.ppl, "kl": agr.kl, "top1": agr.top1, "params": counts.total, "nonzero_params": nonzero,
+        return {"folder": str(folder), "loadavg_1min": __import__("os").getloadavg()[0], "ppl": ppl.ppl, "kl": agr.kl, "top1": agr.top1, "params": counts.total, "nonzero_params": nonzero,
                 "params_embedding": counts.embedding, "disk_bytes": folder_bytes(folder), "decode_tps": sp.decode_tps,
                 "prefill_tps": sp.prefill_tps, **extra}
 
@@ -328,6 +329,14 @@ def targets(bench: Bench) -> str:
     r = bench.rows
     base = r["original"]["ppl"]
     lines = ["### The issue's figures", ""]
+    every = ["original"] + [n for n, _, _ in UNSTRUCTURED] + [f"llmc-{p}" for p in PEERS] + [n for n, _ in WIDTH] + [n for n, _ in DEPTH]
+    missing = [n for n in every if n not in r]
+    if missing:
+        lines += [f"Rows not measured yet (the run was cut short; rerun the command, finished rows are cached): {', '.join(missing)}.", ""]
+    loads = [x["loadavg_1min"] for x in r.values() if "loadavg_1min" in x]
+    if loads and max(loads) > 2.5:
+        lines += [f"Machine load (1-minute load average on 2 cores) during the measurements: {min(loads):.1f} to {max(loads):.1f}: "
+                  "other processes shared the cores, so wall times and speeds are inflated and noisy.", ""]
 
     def inc(name):
         return r[name]["ppl"] - base
@@ -353,8 +362,8 @@ def targets(bench: Bench) -> str:
                          f"time {a['prune_seconds']:.0f} s vs {b['prune_seconds']:.0f} s ({'met' if ok_t else 'NOT met'}).")
     if "wanda-0.5" in r:
         s = r["wanda-0.5"]["prune_seconds"]
-        n = bench.calib.shape[0]
-        lines.append(f"- Wanda 50% pruning pass ({n} x 512 calibration tokens): {s:.0f} s (under 5 minutes: {'met' if s < 300 else 'NOT met'}).")
+        n, L = bench.calib.shape
+        lines.append(f"- Wanda 50% pruning pass ({n} x {L} calibration tokens): {s:.0f} s (under 5 minutes: {'met' if s < 300 else 'NOT met'}).")
     return "\n".join(lines)
 
 

@@ -189,7 +189,7 @@ def test_kernel_odd_shapes(kernel, monkeypatch, bits, cols, group_size):
         _assert_close_to_reference(kernel.qmatmul(*args), _reference(monkeypatch, *args))
 
 
-def test_kernel_precision_with_offset_activations(kernel, monkeypatch):
+def test_kernel_precision_with_offset_activations(kernel):
     # x with a large common offset and an outlier stresses the s * (q.x - z * sum(x)) fold
     packed, s, z, w = _quantized(4, 64, 512, 64)
     x = torch.randn(1, 512) + 20.0
@@ -207,6 +207,13 @@ def test_kernel_float32_scales_and_batched_input(kernel, monkeypatch):
     y = kernel.qmatmul(x, packed, s, z, 4, 32, 16)
     assert y.shape == (2, 3, 16)
     _assert_close_to_reference(y, _reference(monkeypatch, x, packed, s, z, 4, 32, 16))
+
+
+def test_gradients_flow_through_the_reference_path(kernel):
+    packed, s, z, w = _quantized(4, 8, 64, 32)
+    x = torch.randn(1, 64, requires_grad=True)
+    kernel.qmatmul(x, packed, s, z, 4, 32, 8).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0, keepdim=True))
 
 
 def test_fused_row_limit_matches_the_extension(kernel):

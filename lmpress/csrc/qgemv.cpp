@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
 #include <ATen/ops/linear.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -76,15 +77,18 @@ at::Tensor dequant(const at::Tensor& packed, const at::Tensor& scales, const at:
 
 // x (..., in) @ W.T (+ bias) -> (..., out): fused for up to max_rows rows of x, else dequantize
 // + at::linear. None when the inputs are outside what the kernel covers (the caller then takes
-// the reference path): x not float32 on CPU, empty x, scales not float16/float32, bias not float32.
+// the reference path): x not float32 on CPU, empty x, scales not float16/float32, bias not float32,
+// or a gradient to track (the kernel has no backward; the reference path has).
 std::optional<at::Tensor> qmatmul(const at::Tensor& x, const at::Tensor& packed,
                                   const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
                                   int64_t group_size, int64_t out_features,
                                   const std::optional<at::Tensor>& bias) {
   const bool scales_ok = scales.scalar_type() == zeros.scalar_type() &&
                          (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat);
+  const bool needs_grad = c10::GradMode::is_enabled() &&
+                          (x.requires_grad() || (bias && bias->requires_grad()));
   if (x.scalar_type() != at::kFloat || !x.device().is_cpu() || x.dim() < 1 || x.numel() == 0 ||
-      !scales_ok || (bias && bias->scalar_type() != at::kFloat))
+      !scales_ok || (bias && bias->scalar_type() != at::kFloat) || needs_grad)
     return std::nullopt;
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == out_features,
               "packed must have out_features rows");

@@ -203,11 +203,6 @@ def channel_scores(x: Tensor) -> Tensor:
     return (x * x).sum(0)
 
 
-def group_scores(head_sq: Tensor, q_per_group: int) -> Tensor:
-    """GQA group score: the sum of its query heads' L2 norms. (H,) -> (G,)"""
-    return head_sq.sqrt().reshape(-1, q_per_group).sum(-1)
-
-
 def width_importance(model: nn.Module, calib: Tensor, cfg: WidthPruneConfig, progress) -> WidthImportance:
     """Activation importances of heads, MLP channels and hidden channels on the calibration pipeline."""
     from ..calib import walk_blocks
@@ -234,7 +229,7 @@ def width_importance(model: nn.Module, calib: Tensor, cfg: WidthPruneConfig, pro
     heads, chans = heads.sqrt(), chans.sqrt()  # L2 over tokens
     if cfg.importance == "contribution":
         heads, chans = _times_outgoing(model, heads, chans, g)
-    groups = heads.reshape(n_blocks, g["groups"], g["q_per_group"]).sum(-1)  # (L, G)
+    groups = heads.reshape(n_blocks, g["groups"], g["q_per_group"]).sum(-1)  # (L, G): a group = its query heads
     return WidthImportance(groups, chans, hidden.sqrt())
 
 

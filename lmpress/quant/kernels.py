@@ -14,8 +14,8 @@ under the name ``lmpress_qgemv`` and cached in the torch extensions directory
 (two translation units, compiled in parallel).
 If it cannot be built, one warning names the cause and every call uses the reference path
 (:func:`lmpress.quant.pack.dequantize_packed` then ``F.linear``). ``LMPRESS_NO_KERNEL=1`` forces the
-reference path. Inputs the kernel does not cover (x not float32, scales neither float16 nor float32)
-also take the reference path, which gives the same result.
+reference path. Inputs the kernel does not cover (x not float32, scales neither float16 nor float32,
+a gradient to track: the kernel has no backward) also take the reference path.
 
 Example::
 
