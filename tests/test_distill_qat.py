@@ -10,14 +10,15 @@ from lmpress.errors import InputError
 
 
 def rtn_reference(W, bits, g):
-    """Independent asymmetric min-max RTN per group of g columns: W_hat = (q - z) * s."""
+    """Independent asymmetric min-max RTN per group of g columns (range holding 0, fp16 scale)."""
     out = torch.empty_like(W)
     qmax = 2**bits - 1
     for r in range(W.shape[0]):
         for c in range(0, W.shape[1], g):
             w = W[r, c : c + g]
-            s = max((w.max() - w.min()).item(), 1e-8) / qmax
-            z = min(max(round(-w.min().item() / s), 0), qmax)
+            lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
+            s = torch.tensor((hi - lo) / qmax).half().float().item()
+            z = min(max(round(-lo / s), 0), qmax)
             q = torch.clamp(torch.round(w / s) + z, 0, qmax)
             out[r, c : c + g] = (q - z) * s
     return out
@@ -99,6 +100,25 @@ def test_gpt2_conv1d_roundtrip():
     assert type(m.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     with torch.no_grad():
         assert torch.allclose(m(ids).logits, out, atol=1e-5)
+
+
+def test_pack_into_quant_linear_computes_the_same(llama):
+    from lmpress.quant.grid import GridSpec, dequantize, grid_params, quantize_codes
+
+    ids = torch.randint(3, 256, (2, 8))
+    W = arch.linear_weight(llama.model.layers[0].mlp.up_proj).detach().clone()
+    qat.to_fake_quant_(llama, bits=2, group_size=16)
+    # the fake quantizer's RTN grid is the project's RTN grid
+    spec = GridSpec(2, 16)
+    s, z = grid_params(W, spec)
+    ref = dequantize(quantize_codes(W, s, z, spec), s, z)
+    assert torch.allclose(qat.fake_quant_weights(llama)["model.layers.0.mlp.up_proj"], ref, atol=1e-6)
+    with torch.no_grad():
+        out = llama(ids).logits
+    assert qat.pack_fake_quant_(llama) == 21
+    assert type(llama.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+    with torch.no_grad():
+        assert torch.allclose(llama(ids).logits, out, atol=1e-4)
 
 
 def test_bad_group_size():

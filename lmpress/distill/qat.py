@@ -1,14 +1,16 @@
 """Fake-quantized linear layers for quantization-aware training (QAT) with a straight-through estimator.
 
-Quantizer (the project convention of :mod:`lmpress.quant.pack`): a weight ``W`` (out, in) is cut
-into groups of ``group_size`` consecutive columns per row; each group gets an asymmetric min-max
-grid::
+Quantizer (the project's asymmetric grid, :mod:`lmpress.quant.grid`): a weight ``W`` (out, in) is
+cut into groups of ``group_size`` consecutive columns per row; each group gets a min-max grid that
+contains 0::
 
-    w_max = c_hi * max(W_g),  w_min = c_lo * min(W_g)          # c: clipping ratios in (0, 1]
-    s = (w_max - w_min) / (2**bits - 1),  z = round(-w_min / s)
+    w_max = c_hi * max(max(W_g), 0),  w_min = c_lo * min(min(W_g), 0)   # c: clipping ratios in (0, 1]
+    s = fp16((w_max - w_min) / (2**bits - 1)),  z = round(-w_min / s)
     q = clamp(round(W / s) + z, 0, 2**bits - 1),  W_hat = (q - z) * s
 
-With ``c_lo = c_hi = 1`` this is plain round-to-nearest (RTN). During training the forward pass
+With ``c_lo = c_hi = 1`` this is the project's round-to-nearest (RTN) grid; scales are rounded to
+float16 as the packed format stores them, so :func:`pack_fake_quant_` turns the trained layers
+into :class:`lmpress.quant.qlinear.QuantLinear` layers that compute exactly ``W_hat``. During training the forward pass
 uses ``W_hat``; the backward pass treats ``round`` as the identity (straight-through estimator,
 Bengio et al., arXiv 1308.3432), so ``dL/dW = dL/dW_hat`` inside the clipping range and 0 outside
 it, and the clipping ratios, when learnable, get the gradient through ``s`` and ``z`` (learnable
@@ -19,7 +21,8 @@ Example::
     to_fake_quant_(student, bits=2, group_size=64, learn_clip=True, init_clip="mse")
     distill(student, teacher, DistillConfig(loss="cakld"), ...)   # trains W and the clip ratios
     weights = fake_quant_weights(student)       # {name: W_hat (out, in)} on the 2-bit grid
-    materialize_fake_quant_(student)            # back to nn.Linear holding W_hat, ready to pack
+    pack_fake_quant_(student)                   # bit-packed QuantLinear layers (lmpress.quant), or
+    materialize_fake_quant_(student)            # back to nn.Linear holding W_hat
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .. import arch
 from ..errors import InputError
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 ... 0.5, for init_clip="mse"
+FP16_TINY = 1e-7  # smallest scale, still non-zero in float16
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -51,11 +55,12 @@ def _groups(W: Tensor, group_size: int) -> Tensor:
 def quant_params(W: Tensor, bits: int, group_size: int, c_lo=None, c_hi=None):
     """``(s, z)`` per group (out, in // g) of the asymmetric grid; differentiable in ``c_lo``, ``c_hi``."""
     Wg = _groups(W.detach(), group_size)  # the grid's statistics are constants for the STE
-    w_max, w_min = Wg.amax(-1), Wg.amin(-1)  # (out, G)
+    w_max, w_min = Wg.amax(-1).clamp(min=0), Wg.amin(-1).clamp(max=0)  # (out, G)
     if c_hi is not None:
         w_max, w_min = w_max * c_hi.clamp(0.01, 1.0), w_min * c_lo.clamp(0.01, 1.0)
     qmax = 2**bits - 1
-    s = (w_max - w_min).clamp_min(1e-8) / qmax
+    s = ((w_max - w_min) / qmax).clamp_min(FP16_TINY)
+    s = s + (s.half().float() - s).detach()  # stored as float16; straight-through
     z = round_ste(-w_min / s).clamp(0, qmax)
     return s, z
 
@@ -174,6 +179,21 @@ def fake_quant_weights(model: nn.Module) -> dict[str, Tensor]:
     """``{name: W_hat (out, in)}``: the dequantized float weights of every fake-quantized layer,
     on the quantization grid, for the quantization code to pack."""
     return {n: m.dequantized().detach().clone() for n, m in fake_quant_layers(model).items()}
+
+
+@torch.no_grad()
+def pack_fake_quant_(model: nn.Module) -> int:
+    """Replace each :class:`FakeQuantLinear` by a bit-packed :class:`lmpress.quant.qlinear.QuantLinear`
+    with the same codes, scales and zeros (bits 2, 3, 4 or 8); returns the count."""
+    from ..quant.grid import GridSpec
+    from ..quant.qlinear import QuantLinear
+
+    layers = fake_quant_layers(model)
+    for name, m in layers.items():
+        q, s, z = m.codes()
+        g = m.in_features if m.group_size == -1 else m.group_size
+        arch.set_module(model, name, QuantLinear.from_codes(q, s, z, GridSpec(m.bits, g), bias=m.bias))
+    return len(layers)
 
 
 @torch.no_grad()
