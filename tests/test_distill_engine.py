@@ -234,8 +234,8 @@ def test_recipe_stage(tmp_path, byte_tok):
     ctx = rc.RunContext(tokenizer=byte_tok, teacher=t, data=DataConfig(corpus=str(tmp_path / "c.txt"), eval_tokens=200),
                         progress=False)
     res = rc.apply(s, cfg, ctx)
-    assert res["steps"] == 2 and res["materialized_fake_quant_layers"] == 21 and len(res["evals"]) == 2
-    assert type(s.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert res["steps"] == 2 and res["fake_quant_layers"] == 21 and len(res["evals"]) == 2
+    assert type(s.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
     with pytest.raises(InputError, match="no option"):
         rc.make_config("distill", bogus=1)
     with pytest.raises(InputError, match="loss must be one of"):

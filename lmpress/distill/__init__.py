@@ -24,6 +24,7 @@ _API = {
     "to_fake_quant_": "lmpress.distill.qat",
     "fake_quant_weights": "lmpress.distill.qat",
     "materialize_fake_quant_": "lmpress.distill.qat",
+    "pack_fake_quant_": "lmpress.distill.qat",
     "cache_teacher_topk": "lmpress.distill.data",
     "TopKCache": "lmpress.distill.data",
 }

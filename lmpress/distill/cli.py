@@ -98,8 +98,7 @@ def run(args) -> None:
     from ..data import DataConfig, prepare
     from ..errors import InputError
     from ..io import load_model
-    from .engine import dist_setup, distill, training_data
-    from .qat import materialize_fake_quant_
+    from .engine import dist_setup, distill, finish_fake_quant_, training_data
 
     cfg = config_from_args(args)
     if Path(args.output).exists() and not args.overwrite:
@@ -114,7 +113,7 @@ def run(args) -> None:
                   progress=rank == 0)
     if "student_state" in res:  # FSDP left the student sharded: rebuild it whole from the gathered state
         student = _whole_student(args.student or args.teacher, kw, cfg, res.pop("student_state"))
-    materialize_fake_quant_(student)
+    finish_fake_quant_(student, cfg)
     if rank == 0:
         res["output"] = _save(student, args.output, tok, cfg, args.overwrite)
         _report(res, args.json)

@@ -106,6 +106,7 @@ class DistillConfig:
     qat_learn_clip: bool = True
     qat_init_clip: str | None = "mse"
     clip_lr: float | None = None  # learning rate of the QAT clipping ratios (None: lr)
+    qat_output: str = "packed"  # after training: "packed" QuantLinear layers (bits 2/3/4/8) or "float" nn.Linear
 
     def __post_init__(self):
         if self.loss not in L.LOSS_NAMES + ("ce",):
@@ -132,6 +133,10 @@ class DistillConfig:
             raise ValueError("loss='ce' is plain fine-tuning without a teacher: drop hidden/attention/on-policy/top-k options")
         if self.qat_bits is not None and not 1 <= self.qat_bits <= 8:
             raise ValueError(f"qat_bits must be 1-8 or None, got {self.qat_bits}")
+        if self.qat_output not in ("packed", "float"):
+            raise ValueError(f"qat_output must be 'packed' or 'float', got {self.qat_output!r}")
+        if self.qat_bits and self.qat_output == "packed" and self.qat_bits not in (2, 3, 4, 8):
+            raise ValueError(f"packed output holds 2, 3, 4 or 8 bits, not {self.qat_bits}; use qat_output='float'")
 
 
 def _positive(cfg, *names):
@@ -699,12 +704,19 @@ def training_data(cfg: DistillConfig, teacher, tokenizer, corpus=None, *, progre
     return windows, None
 
 
+def finish_fake_quant_(model, cfg: DistillConfig) -> int:
+    """After training: fake-quantized layers become packed ``QuantLinear`` layers (``qat_output="packed"``)
+    or ``nn.Linear`` layers holding the dequantized weights (``"float"``); returns their count."""
+    from .qat import materialize_fake_quant_, pack_fake_quant_
+
+    return pack_fake_quant_(model) if cfg.qat_output == "packed" else materialize_fake_quant_(model)
+
+
 def distill_(model, cfg: DistillConfig, ctx) -> dict:
     """Recipe entry: distill ``model`` toward ``ctx.teacher`` (the uncompressed model) on the
-    corpus of ``ctx.data``; fake-quantized layers are turned back into plain linears on the
-    quantization grid at the end. Returns the figures (history included)."""
+    corpus of ``ctx.data``; fake-quantized layers are packed (or made float) at the end, see
+    :func:`finish_fake_quant_`. Returns the figures (history included)."""
     from ..data import DataConfig, prepare
-    from .qat import materialize_fake_quant_
 
     if ctx.teacher is None and cfg.loss != "ce":
         raise InputError("the distill stage needs the teacher (the original model) in the run context")
@@ -715,5 +727,5 @@ def distill_(model, cfg: DistillConfig, ctx) -> dict:
     stream = prepare(ctx.tokenizer, data, need_calib=False)[1] if cfg.eval_every else None
     res = distill(model, ctx.teacher, cfg, windows=windows, cache=cache, eval_stream=stream,
                   bos=ctx.tokenizer.bos_token_id, progress=ctx.progress)
-    res["materialized_fake_quant_layers"] = materialize_fake_quant_(model)
+    res["fake_quant_layers"] = finish_fake_quant_(model, cfg)
     return res
