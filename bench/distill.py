@@ -231,10 +231,10 @@ step (3 steps each, same run): {r['tps_bf16_True']:.0f} versus {r['tps_bf16_Fals
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens-a", type=int, default=65_536)
-    ap.add_argument("--tokens-b", type=int, default=65_536)
-    ap.add_argument("--lr-a", type=float, default=1e-4)
-    ap.add_argument("--lr-b", type=float, default=5e-5)
+    ap.add_argument("--tokens-a", type=int, default=49_152)
+    ap.add_argument("--tokens-b", type=int, default=49_152)
+    ap.add_argument("--lr-a", type=float, default=2e-4)
+    ap.add_argument("--lr-b", type=float, default=1e-3)
     ap.add_argument("--clip-lr-b", type=float, default=5e-3)
     ap.add_argument("--loss-b", default="cakld")
     ap.add_argument("--seq-len", type=int, default=256)

@@ -98,7 +98,7 @@ def run(args) -> None:
     from ..data import DataConfig, prepare
     from ..errors import InputError
     from ..io import load_model
-    from .engine import dist_setup, distill, finish_fake_quant_, training_data
+    from .engine import dist_setup, distill, finish_fake_quant_
 
     cfg = config_from_args(args)
     if Path(args.output).exists() and not args.overwrite:
@@ -107,7 +107,7 @@ def run(args) -> None:
     kw = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     teacher, tok = load_model(args.teacher, **kw)
     student, _ = load_model(args.student if args.student else args.teacher, **kw)
-    windows, cache = training_data(cfg, teacher, tok, args.data, progress=rank == 0)
+    windows, cache = _data(cfg, teacher, tok, args.data, rank)
     stream = prepare(tok, DataConfig(corpus=args.data, eval_tokens=args.eval_tokens), need_calib=False)[1] if cfg.eval_every else None
     res = distill(student, teacher, cfg, windows=windows, cache=cache, eval_stream=stream, bos=tok.bos_token_id,
                   progress=rank == 0)
@@ -119,6 +119,19 @@ def run(args) -> None:
         _report(res, args.json)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _data(cfg, teacher, tok, corpus, rank: int):
+    """Training data; under torchrun rank 0 writes a top-k cache while the others wait, then read it."""
+    import torch.distributed as dist
+
+    from .engine import training_data
+
+    if cfg.topk and dist.is_initialized():
+        if rank == 0:
+            training_data(cfg, teacher, tok, corpus, progress=True)
+        dist.barrier()
+    return training_data(cfg, teacher, tok, corpus, progress=rank == 0)
 
 
 def _whole_student(spec, kw, cfg, state):
