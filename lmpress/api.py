@@ -120,6 +120,9 @@ def compress(
         t0 = time.perf_counter()
         info = rc.apply(student, cfg, ctx)
         steps.append({**rc.to_dict(cfg), "seconds": time.perf_counter() - t0, "info": info})
+    sparse = _store_sparse_(student, recipe)
+    if sparse:
+        steps[-1]["info"] = {**(steps[-1]["info"] or {}), "sparse_layers": sparse}
     saved = None
     if out is not None:
         from .formats import save_compressed
@@ -132,6 +135,21 @@ def compress(
         res["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
     res["model"] = student
     return res
+
+
+UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
+
+
+def _store_sparse_(model, recipe) -> dict[str, float]:
+    """After unstructured or N:M pruning, swap the still-sparse float linears for compact
+    :class:`~lmpress.prune.sparse.SparseLinear` layers (bitmask or N:M indices plus values), so the
+    saved folder really is smaller. Returns ``{layer: measured sparsity}``."""
+    pruned = [c for c in recipe if getattr(c, "method", "") in UNSTRUCTURED]
+    if not pruned:
+        return {}
+    from .prune.sparse import sparsify_
+
+    return sparsify_(model, pattern=getattr(pruned[-1], "pattern", None))
 
 
 def _path_of(spec):

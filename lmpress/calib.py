@@ -17,6 +17,7 @@ two sets of hidden states, (n, L, hidden) each.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class BlockContext:
     block: nn.Module
     inputs: list[torch.Tensor]  # hidden states, one (b, L, hidden) tensor per batch
     extra: tuple[tuple, dict]  # the block's other forward arguments (batch dim 1, broadcast)
+    dtype: torch.dtype | None = None  # run the block's passes in this dtype (None: the block's own)
     _groups: list[list[str]] | None = field(default=None, repr=False)
     _deferred: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -58,16 +60,24 @@ class BlockContext:
             self._groups = _execution_groups(self)
         return self._groups
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runner(self) -> nn.Module:
+        """The module the passes run: the block itself, or a copy of its current state in ``dtype``
+        (made afresh each pass, so it always carries the method's latest changes)."""
+        if self.dtype is None:
+            return self.block
+        return copy.deepcopy(self.block).to(self.dtype)
+
+    def forward(self, x: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
         args, kwargs = self.extra
-        out = self.block(x, *args, **kwargs)
+        out = (block if block is not None else self.block)(x, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def collect(self, observers: dict[str, Callable[[torch.Tensor], None]]) -> None:
         """Run the block over every input batch; call ``observers[name](x)`` with each named linear's
         input, flattened to (tokens, in_features). Stops each pass once the last observed linear ran.
         """
-        mods = self.linears
+        runner = self.runner()
+        mods = arch.block_linears(runner)
         unknown = set(observers) - set(mods)
         if unknown:
             raise KeyError(f"block {self.name} has no linear layers {sorted(unknown)}")
@@ -89,7 +99,7 @@ class BlockContext:
                 for x in self.inputs:
                     pending.update(observers)
                     try:
-                        self.forward(x)
+                        self.forward(x, runner)
                     except _Stop:
                         pass
         finally:
@@ -97,13 +107,15 @@ class BlockContext:
                 h.remove()
 
     def outputs(self) -> list[torch.Tensor]:
+        runner = self.runner()
         with torch.no_grad():
-            return [self.forward(x) for x in self.inputs]
+            return [self.forward(x, runner) for x in self.inputs]
 
 
 def _execution_groups(ctx: BlockContext) -> list[list[str]]:
     calls: list[tuple[str, torch.Tensor]] = []  # keeps inputs alive so identity checks are sound
-    names = {m: n for n, m in ctx.linears.items()}
+    runner = ctx.runner()
+    names = {m: n for n, m in arch.block_linears(runner).items()}
 
     def hook(m, args):
         calls.append((names[m], args[0]))
@@ -111,7 +123,7 @@ def _execution_groups(ctx: BlockContext) -> list[list[str]]:
     handles = [m.register_forward_pre_hook(hook) for m in names]
     try:
         with torch.no_grad():
-            ctx.forward(ctx.inputs[0][:1])
+            ctx.forward(ctx.inputs[0][:1], runner)
     finally:
         for h in handles:
             h.remove()
@@ -174,19 +186,27 @@ def walk_blocks(
     batch_size: int = 8,
     progress: bool | str = True,
     blocks_to_visit: Iterable[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Call ``fn`` on each decoder block in order, feeding each block the outputs of the changed
     previous block. ``calib`` is (n, L) token ids. ``progress`` is a bool or a bar label.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): run every block pass on a copy of the block in that dtype,
+    with hidden states kept in it; the callback still sees and edits the block at its own precision.
+    About 3x faster on CPUs with bf16 matrix units; observers then receive bf16 inputs.
     """
     from .progress import bar
 
     spec = arch.spec_for(model)
     blocks = arch.blocks(model)
     inputs, extras = capture(model, calib, batch_size)
+    if dtype is not None:
+        inputs = [x.to(dtype) for x in inputs]
+        extras = [_cast(e, dtype) for e in extras]
     visit = set(range(len(blocks)) if blocks_to_visit is None else blocks_to_visit)
     label = progress if isinstance(progress, str) else "blocks"
     for i in bar(range(len(blocks)), desc=label, enabled=bool(progress)):
-        ctx = BlockContext(i, f"{spec.blocks}.{i}", blocks[i], inputs, extras[i])
+        ctx = BlockContext(i, f"{spec.blocks}.{i}", blocks[i], inputs, extras[i], dtype)
         if i in visit:
             fn(ctx)
         if i + 1 < len(blocks):
@@ -194,3 +214,16 @@ def walk_blocks(
         for fn_done in ctx._deferred:
             fn_done()
         del ctx
+
+
+def _cast(obj, dtype: torch.dtype):
+    """``obj`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
+        return type(obj)(*(_cast(o, dtype) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj

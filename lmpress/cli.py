@@ -170,11 +170,25 @@ def cmd_compress(args) -> None:
     res.pop("model")
     for step in res["methods"]:
         print(f"{step['method']}: {step['seconds']:.1f} s")
+        sparse = (step.get("info") or {}).get("sparse_layers")
+        if sparse:
+            print(_sparsity_summary(sparse))
     if res["output"]:
         print(f"saved to {res['output']}")
     _emit(args.json, res)
     if "after" in res:
         print(table({"original": res["before"], "compressed": res["after"]}))
+
+
+def _sparsity_summary(sparse: dict[str, float]) -> str:
+    """Measured sparsity per layer kind (min / mean / max over blocks); every layer is in --json."""
+    kinds: dict[str, list[float]] = {}
+    for name, v in sparse.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(v)
+    lines = [f"stored sparse: {len(sparse)} layers (measured sparsity min / mean / max per layer kind)"]
+    for k, vs in kinds.items():
+        lines.append(f"  {k:<12} {min(vs):.3f} / {sum(vs) / len(vs):.3f} / {max(vs):.3f}  ({len(vs)} layers)")
+    return "\n".join(lines)
 
 
 def cmd_distill(args) -> None:

@@ -86,3 +86,32 @@ def test_inferred_spec_matches_known():
     model = tiny_model("llama")
     spec = arch._infer_spec(model)
     assert spec.blocks == "model.layers" and spec.embed == "model.embed_tokens"
+
+
+def test_low_precision_passes_track_edits_and_leave_block_in_float(llama):
+    ids = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    ref_in, got_in, dtypes = {}, {}, set()
+    calib.walk_blocks(llama, ids, lambda c: ref_in.setdefault(c.index, torch.cat(c.inputs)), progress=False)
+
+    def fn(ctx):
+        got_in[ctx.index] = torch.cat(ctx.inputs)
+        ctx.collect({"mlp.up_proj": lambda x: dtypes.add(x.dtype)})
+        assert ctx.linears["mlp.up_proj"].weight.dtype == torch.float32  # the callback edits the float block
+
+    calib.walk_blocks(llama, ids, fn, progress=False, dtype=torch.bfloat16)
+    assert dtypes == {torch.bfloat16}
+    for i in ref_in:  # bf16 passes stay close to the float ones
+        assert got_in[i].dtype == torch.bfloat16
+        torch.testing.assert_close(got_in[i].float(), ref_in[i], rtol=0.05, atol=0.05)
+    assert all(p.dtype == torch.float32 for p in llama.parameters())
+
+    def zero_mlp(ctx):  # an edit made by the callback reaches the next block's bf16 inputs
+        if ctx.index == 0:
+            with torch.no_grad():
+                ctx.linears["mlp.down_proj"].weight.zero_()
+        got_in[ctx.index] = torch.cat(ctx.inputs)
+
+    calib.walk_blocks(llama, ids, zero_mlp, progress=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        hs = llama(ids, output_hidden_states=True, use_cache=False).hidden_states
+    torch.testing.assert_close(got_in[1].float(), hs[1], rtol=0.05, atol=0.05)

@@ -73,3 +73,25 @@ def test_cli_bad_options_are_one_line_errors(setup, tmp_path, argv, msg, capsys)
     err = capsys.readouterr().err
     assert code == 2 and msg in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_cli_prune_saves_compact_sparse_layers_and_reports_sparsity(setup, tmp_path, capsys, pattern):
+    from lmpress.cli import main
+    from lmpress.io import folder_bytes
+    from lmpress.prune.sparse import SparseLinear
+
+    src, corpus = setup
+    out = tmp_path / "p"
+    extra = ["--pattern", pattern] if pattern else ["--sparsity", "0.6"]
+    assert main(["compress", str(src), "--method", "wanda", "--calib-samples", "4", "--calib-len", "32", "-o", str(out),
+                 "--data", str(corpus), "--eval-tokens", "256", "--context", "64", "--no-speed"] + extra) == 0
+    printed = capsys.readouterr().out
+    assert "stored sparse: " in printed and "q_proj" in printed
+    again, _ = load_model(out)
+    layers = [m for m in again.modules() if isinstance(m, SparseLinear)]
+    assert layers and all(l.layout == ("nm" if pattern else "bitmask") for l in layers)
+    for l in layers:  # the measured sparsity is what was asked for
+        zeros = (l.weight == 0).float().mean().item()
+        assert zeros == pytest.approx(0.5 if pattern else 0.6, abs=0.02)
+    assert folder_bytes(out) < folder_bytes(src)

@@ -84,6 +84,19 @@ def test_gptq_layer_error_below_rtn(spec, act_order):
     assert e_gptq < 0.8 * e_rtn
 
 
+def test_gptq_rows_are_independent_so_stacked_layers_match_separate_solves():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3, 64)
+    H = 2 * X.T @ X / 256
+    A, B = torch.randn(24, 64, generator=g), torch.randn(8, 64, generator=g)
+    spec = GridSpec(3, 32, False)
+    both = gptq_quantize(torch.cat([A, B]), H, spec, act_order=True, clip_search=True)
+    for part, rows in ((A, slice(0, 24)), (B, slice(24, 32))):
+        one = gptq_quantize(part, H, spec, act_order=True, clip_search=True)
+        for x, y in zip(both, one):
+            torch.testing.assert_close(x[rows], y, rtol=0, atol=1e-6)
+
+
 def test_gptq_survives_singular_hessian():
     X, W, _ = _layer_problem()
     X[:, :10] = 0  # dead inputs: zero rows/cols in H

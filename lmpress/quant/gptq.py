@@ -8,7 +8,8 @@ Recipe::
     - method: gptq
       bits: 3
       group_size: 64
-      act_order: true
+      act_order: true        # the default
+      calib_dtype: bfloat16  # the default; float32 for passes at full precision
 
 The Hessian ``H = 2/n X^T X`` of each linear's inputs comes from the calibration pipeline; the
 layers of a block that read the same input (q/k/v, gate/up) share one Hessian. With
@@ -37,21 +38,34 @@ class GPTQConfig(QuantConfig):
 
     damp: dampening added to the Hessian diagonal, as a fraction of its mean; grows x10 while the
         Cholesky factorization fails. block_size: columns per lazy batch update.
-    act_order: quantize columns by decreasing Hessian diagonal; groups keep their original columns
-        (scales computed up front, "static groups"), so packing and kernels are unchanged.
+    act_order (on by default): quantize columns by decreasing Hessian diagonal; groups keep their
+        original columns (scales computed up front, "static groups"), so packing and kernels are
+        unchanged. On the default model it cuts W4 g64's perplexity increase by about a third.
     true_sequential: quantize q/k/v, then o, then gate/up, then down, each on inputs that already
         carry the earlier groups' quantization (about 1.5x the calibration passes; off by default).
     clip_search (on by default for GPTQ): each group's scale and zero come from a clip search that
         minimises the group's squared error, instead of its min/max.
+    calib_dtype: dtype of the calibration passes (block forwards and Hessian products); the weights
+        and the GPTQ solve stay in float32. "bfloat16" (default) is about 3x faster on CPUs with bf16
+        units; "float32" for full-precision passes.
     """
 
     method: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     true_sequential: bool = False
     clip_search: bool = True
+    calib_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise InputError(f"calib_dtype {self.calib_dtype!r} is not supported; use one of {sorted(CALIB_DTYPES)}")
+
+
+CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
@@ -89,11 +103,12 @@ def _gptq(W, H, spec, damp, block_size, act_order, clip_search):
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     static = act_order or gs == cols  # group parameters fixed up front
-    s_all = torch.empty(out_f, cols // gs)
-    z_all = torch.empty(out_f, cols // gs)
     if static:
         s_all, z_all = choose_params(W, spec, clip_search)
+    else:
+        s_all, z_all = torch.empty(out_f, cols // gs), torch.empty(out_f, cols // gs)
     W, H = W[:, perm], H[perm][:, perm]
+    group_of = (perm // gs).tolist()  # group of each (permuted) column
     U = _inverse_hessian_factor(H, damp)
     Q = torch.empty_like(W)
     maxq = float(spec.maxq)
@@ -103,15 +118,19 @@ def _gptq(W, H, spec, damp, block_size, act_order, clip_search):
         W1 = W[:, i1:i2].clone()  # (out, b)
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1).tolist()
+        idx = torch.tensor(group_of[i1:i2])
+        S1, Z1 = s_all[:, idx], z_all[:, idx]  # (out, b): each column's scale and zero
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gs
-            if not static and col % gs == 0:  # groups are contiguous and lie inside the block
+            if not static and i % gs == 0:
+                # contiguous groups inside the block: set from the weights as updated so far
+                g = group_of[i1 + i]
                 s_all[:, g : g + 1], z_all[:, g : g + 1] = choose_params(W1[:, i : i + gs], spec, clip_search)
-            w, sc, zc = W1[:, i], s_all[:, g], z_all[:, g]
-            q = torch.clamp(torch.round(w / sc) + zc, 0, maxq)  # (out,)
+                S1[:, i : i + gs], Z1[:, i : i + gs] = s_all[:, g : g + 1], z_all[:, g : g + 1]
+            w, sc, zc = W1[:, i], S1[:, i], Z1[:, i]
+            q = torch.round(w / sc).add_(zc).clamp_(0, maxq)
             Q[:, i1 + i] = q
-            err = (w - (q - zc) * sc) / U1[i, i]
+            err = (w - (q - zc) * sc).div_(d[i])
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # spread the error over later columns
             E1[:, i] = err
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
@@ -127,8 +146,8 @@ class HessianAccumulator:
         self.n = 0
 
     def __call__(self, x: Tensor) -> None:
-        x = x.float()
-        self.sum = x.T @ x if self.sum is None else self.sum.addmm_(x.T, x)
+        xtx = (x.T @ x).float()  # in x's dtype: bf16 inputs give a bf16 product, summed in float32
+        self.sum = xtx if self.sum is None else self.sum.add_(xtx)
         self.n += x.shape[0]
 
     @property
@@ -145,19 +164,25 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
     errors: dict[str, float] = {}
 
     def quantize_group(bctx, names, H):
+        by_spec: dict[GridSpec, list[str]] = {}
         for n in names:
-            full = f"{bctx.name}.{n}"
-            spec = cfg.layer_grid(full)
-            if spec is None:
-                continue
-            W = arch.linear_weight(bctx.linears[n]).detach().float()
-            q, s, z = gptq_quantize(W, H, spec, damp=cfg.damp, block_size=cfg.block_size,
+            spec = cfg.layer_grid(f"{bctx.name}.{n}")
+            if spec is not None:
+                by_spec.setdefault(spec, []).append(n)
+        for spec, ns in by_spec.items():
+            # layers reading one input share H: GPTQ treats rows independently, so one solve over
+            # their stacked rows gives each layer's exact result with one factorization and loop
+            Ws = [arch.linear_weight(bctx.linears[n]).detach().float() for n in ns]
+            q, s, z = gptq_quantize(torch.cat(Ws), H, spec, damp=cfg.damp, block_size=cfg.block_size,
                                     act_order=cfg.act_order, clip_search=cfg.clip_search)
-            Wq = dequantize(q, s, z)
-            D = Wq - W
-            errors[full] = (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
-            arch.set_linear_weight(bctx.linears[n], Wq)  # same outputs as the packed layer, faster here
-            bctx.defer(lambda full=full, q=q, s=s, z=z, spec=spec: replace_linear(model, full, q, s, z, spec))
+            rows = [w.shape[0] for w in Ws]
+            for n, W, qi, si, zi in zip(ns, Ws, q.split(rows), s.split(rows), z.split(rows)):
+                full = f"{bctx.name}.{n}"
+                Wq = dequantize(qi, si, zi)
+                D = Wq - W
+                errors[full] = (((D @ H) * D).sum() / ((W @ H) * W).sum()).item()
+                arch.set_linear_weight(bctx.linears[n], Wq)  # same outputs as the packed layer, faster here
+                bctx.defer(lambda full=full, q=qi, s=si, z=zi, spec=spec: replace_linear(model, full, q, s, z, spec))
 
     def per_block(bctx):
         groups = bctx.groups
@@ -168,7 +193,8 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
             for g in batch:
                 quantize_group(bctx, g, accs[g[0]].H)
 
-    walk_blocks(model, ctx.calib, per_block, progress="gptq" if ctx.progress else False)
+    walk_blocks(model, ctx.calib, per_block, progress="gptq" if ctx.progress else False,
+                dtype=CALIB_DTYPES[cfg.calib_dtype])
     if cfg.head_bits:
         quantize_head_(model, GridSpec(cfg.head_bits, cfg.group_size, cfg.sym))
     vals = list(errors.values())
