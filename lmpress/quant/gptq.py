@@ -83,17 +83,39 @@ def _inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, clip_search: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes q (out, in) and scales/zeros (out, G) for ``W`` (out, in) given ``H`` (in, in)."""
+                  act_order: bool = False, clip_search: bool = False,
+                  kernel: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes q (out, in) and scales/zeros (out, G) for ``W`` (out, in) given ``H`` (in, in).
+
+    ``kernel``: run the column loop in C++ (``lmpress/csrc/gptq_block.cpp``, built on first use)
+    when it is available, else in the Python reference loop (same arithmetic)."""
+    from .kernels import gptq_extension
+
+    ext = gptq_extension() if kernel else None
+    if ext is not None:
+        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, ext.quantize_columns)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the column loop is many tiny ops: threads only add synchronisation
+    torch.set_num_threads(1)  # the Python column loop is many tiny ops: threads only add synchronisation
     try:
-        return _gptq(W, H, spec, damp, block_size, act_order, clip_search)
+        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, _quantize_columns_reference)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(W, H, spec, damp, block_size, act_order, clip_search):
+def _quantize_columns_reference(W1, U1, S1, Z1, Q1, E1, c0, c1, maxq):
+    """Block columns c0..c1-1 of ``W1`` in order: round to the grid, and spread each column's
+    error, scaled by the inverse Hessian factor, over the block's later columns."""
+    d = torch.diag(U1).tolist()
+    for i in range(c0, c1):
+        w, sc, zc = W1[:, i], S1[:, i], Z1[:, i]
+        q = torch.round(w / sc).add_(zc).clamp_(0, maxq)
+        Q1[:, i] = q
+        err = (w - (q - zc) * sc).div_(d[i])
+        W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+        E1[:, i] = err
+
+
+def _gptq(W, H, spec, damp, block_size, act_order, clip_search, quantize_columns):
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     out_f, cols = W.shape
@@ -108,31 +130,28 @@ def _gptq(W, H, spec, damp, block_size, act_order, clip_search):
     else:
         s_all, z_all = torch.empty(out_f, cols // gs), torch.empty(out_f, cols // gs)
     W, H = W[:, perm], H[perm][:, perm]
-    group_of = (perm // gs).tolist()  # group of each (permuted) column
+    group_of = perm // gs  # group of each (permuted) column
     U = _inverse_hessian_factor(H, damp)
     Q = torch.empty_like(W)
     maxq = float(spec.maxq)
-    block_size = max(gs, block_size // gs * gs) if gs < cols else block_size
+    if not static:  # groups are contiguous: a block holds whole groups
+        block_size = max(gs, block_size // gs * gs)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()  # (out, b)
         E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d = torch.diag(U1).tolist()
-        idx = torch.tensor(group_of[i1:i2])
-        S1, Z1 = s_all[:, idx], z_all[:, idx]  # (out, b): each column's scale and zero
-        for i in range(i2 - i1):
-            if not static and i % gs == 0:
-                # contiguous groups inside the block: set from the weights as updated so far
-                g = group_of[i1 + i]
-                s_all[:, g : g + 1], z_all[:, g : g + 1] = choose_params(W1[:, i : i + gs], spec, clip_search)
-                S1[:, i : i + gs], Z1[:, i : i + gs] = s_all[:, g : g + 1], z_all[:, g : g + 1]
-            w, sc, zc = W1[:, i], S1[:, i], Z1[:, i]
-            q = torch.round(w / sc).add_(zc).clamp_(0, maxq)
-            Q[:, i1 + i] = q
-            err = (w - (q - zc) * sc).div_(d[i])
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # spread the error over later columns
-            E1[:, i] = err
+        Q1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2].contiguous()
+        idx = group_of[i1:i2]
+        S1, Z1 = s_all[:, idx].contiguous(), z_all[:, idx].contiguous()  # each column's scale and zero
+        for c0 in range(0, i2 - i1, (i2 - i1) if static else gs):
+            c1 = min(c0 + (i2 - i1 if static else gs), i2 - i1)
+            if not static:  # the group's parameters come from its weights as updated so far
+                g = int(group_of[i1 + c0])
+                s_all[:, g : g + 1], z_all[:, g : g + 1] = choose_params(W1[:, c0:c1], spec, clip_search)
+                S1[:, c0:c1], Z1[:, c0:c1] = s_all[:, g : g + 1], z_all[:, g : g + 1]
+            quantize_columns(W1, U1, S1, Z1, Q1, E1, c0, c1, maxq)
+        Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
     inv = torch.argsort(perm)
     return Q[:, inv].to(torch.uint8), s_all, z_all

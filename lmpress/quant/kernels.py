@@ -124,23 +124,34 @@ def _check(packed, scales, zeros, bits, group_size, out, cols) -> None:
         )
 
 
-@functools.cache
 def _extension():
-    """Build (or load from the cache) the C++ extension; on failure warn once and return None."""
+    """The qgemv extension (built on the first call), or None when it cannot be built."""
+    return _build(EXTENSION_NAME, _SOURCES)
+
+
+def gptq_extension():
+    """The GPTQ column-loop extension (``lmpress/csrc/gptq_block.cpp``), or None when it cannot be
+    built or ``LMPRESS_NO_KERNEL`` is set (GPTQ then runs its Python reference loop)."""
+    return None if reference_forced() else _build("lmpress_gptq", ("gptq_block.cpp",))
+
+
+@functools.cache
+def _build(name: str, sources: tuple[str, ...]):
+    """Build (or load from the cache) a C++ extension; on failure warn once and return None."""
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=EXTENSION_NAME,
-            sources=[str(_CSRC / name) for name in _SOURCES],
+            name=name,
+            sources=[str(_CSRC / src) for src in sources],
             extra_cflags=[*_FLAGS, f"-DLMPRESS_CPU={_cpu_tag()}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # any build or load failure: fall back, loudly
         warnings.warn(
-            f"lmpress: could not build the {EXTENSION_NAME} C++ kernel ({_cause(exc)}); "
-            "quantized matmuls use the slower reference path (dequantize + F.linear)",
+            f"lmpress: could not build the {name} C++ kernel ({_cause(exc)}); "
+            "lmpress uses its slower reference path instead",
             RuntimeWarning,
             stacklevel=3,
         )
