@@ -76,11 +76,16 @@ def linear_weight(m: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), whatever the layer stores."""
     if type(m).__name__ == "Conv1D":
         return m.weight.t()
-    return m.weight
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise _no_dense_weight(m)
+    return w
 
 
 def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
     """Write ``w`` (out_features, in_features) into the layer in place."""
+    if not isinstance(getattr(m, "weight", None), nn.Parameter):
+        raise _no_dense_weight(m)  # e.g. a computed (densified) weight: writing it would be lost
     with torch.no_grad():
         if type(m).__name__ == "Conv1D":
             m.weight.copy_(w.t())
@@ -122,6 +127,15 @@ def _infer_spec(model: nn.Module) -> ArchSpec:
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(spec_for(model).blocks)
+
+
+def _no_dense_weight(m: nn.Module) -> Exception:
+    kind = getattr(m, "kind", type(m).__name__)
+    return InputError(
+        f"this method rewrites dense weight matrices, but a {type(m).__name__} layer (kind {kind!r}) stores its "
+        "weight in compressed form; put the method before the step that made it in the recipe, or start from "
+        "the uncompressed model (low-rank 'svd'/'asvd'/'svd-llm' factors are plain linears and can be quantized)"
+    )
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:

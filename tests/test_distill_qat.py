@@ -124,3 +124,17 @@ def test_pack_into_quant_linear_computes_the_same(llama):
 def test_bad_group_size():
     with pytest.raises(InputError, match="does not divide"):
         qat.FakeQuantLinear(torch.randn(4, 30), None, 2, 64)
+
+
+def test_qat_starts_exactly_at_a_quantized_model(llama):
+    """Recipe rtn/gptq -> QAT: fake-quantizing QuantLinear layers with clip 1 keeps their grid."""
+    import copy
+
+    from lmpress.recipe import RunContext, apply, make_config
+
+    q = copy.deepcopy(llama)
+    apply(q, make_config("rtn", bits=2, group_size=16), RunContext(progress=False))
+    before = {n: m.dequantized().clone() for n, m in arch.compressible_linears(q).items()}
+    qat.to_fake_quant_(q, 2, 16, init_clip=None)
+    for n, m in arch.compressible_linears(q).items():
+        assert (m.dequantized() == before[n]).float().mean() > 0.99

@@ -239,3 +239,12 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(InputError, match="no dense linear layers left"):
         rc.apply(model, rc.make_config("svd", ratio=0.5), rc.RunContext(progress=False))
     assert rc.make_config("svd").ratio == 0.8 and rc.make_config("dsformer", k=8).ratio is None
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "wanda"])
+def test_weight_rewriting_method_after_dsformer_is_a_clear_error(method):
+    model = tiny_model("llama")
+    ctx = rc.RunContext(calib=IDS, progress=False)
+    rc.apply(model, rc.make_config("dsformer", ratio=0.8, iters=1), ctx)
+    with pytest.raises(InputError, match="stores its weight in compressed form"):
+        rc.apply(model, rc.make_config(method), ctx)

@@ -110,14 +110,42 @@ def test_pipeline_methods_beat_magnitude_on_model_output():
     assert err["wanda"] < err["magnitude"] and err["sparsegpt"] < err["magnitude"]
 
 
-def test_sparsegpt_joint_quantize_hook_rounds_kept_weights():
-    W = torch.randn(8, 32)
-    X = torch.randn(256, 32)
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_sparsegpt_sweep_kernel_matches_reference(pattern, bits):
+    from lmpress.quant.grid import GridSpec, grid_params
+    from lmpress.quant.kernels import gptq_extension
+
+    if gptq_extension() is None:
+        pytest.skip("no C++ compiler here: the reference sweep is all there is")
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(24, 64, generator=g), torch.randn(256, 64, generator=g)
     U, _ = inverse_hessian_factor(X.T @ X, 0.01)
-    step = 0.25
-    Q, _ = sparsegpt_prune(W, U, 0.5, blocksize=16, quantize=lambda col, j: torch.round(col / step) * step)
-    assert torch.allclose(Q / step, torch.round(Q / step), atol=1e-5)
+    grid = None if bits is None else (GridSpec(bits, 32), *grid_params(W, GridSpec(bits, 32)))
+    nm = masks.parse_pattern(pattern)
+    fast, _ = sparsegpt_prune(W, U, 0.5, nm, blocksize=32, grid=grid)
+    ref, _ = sparsegpt_prune(W, U, 0.5, nm, blocksize=32, grid=grid, kernel=False)
+    assert ((fast == 0) == (ref == 0)).float().mean() > 0.99
+    torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_sparsegpt_joint_mode_puts_kept_weights_on_the_grid_and_packs():
+    from lmpress.quant.grid import GridSpec, grid_params, quantize_codes, dequantize
+    from lmpress.quant.qlinear import QuantLinear
+
+    W, X = torch.randn(8, 32), torch.randn(256, 32)
+    U, _ = inverse_hessian_factor(X.T @ X, 0.01)
+    spec = GridSpec(4, 16)
+    s, z = grid_params(W, spec)
+    Q, _ = sparsegpt_prune(W, U, 0.5, blocksize=16, grid=(spec, s, z))
     assert (Q == 0).sum() >= 128
+    torch.testing.assert_close(dequantize(quantize_codes(Q, s, z, spec), s, z), Q, rtol=0, atol=1e-6)  # on the grid
+    model, info = _pruned("sparsegpt", sparsity=0.5, bits=4, group_size=16)
+    layers = [m for m in arch.compressible_linears(model).values()]
+    assert layers and all(isinstance(m, QuantLinear) for m in layers)
+    assert info["sparsity"] == pytest.approx(0.5, abs=0.01)
+    for m in layers:  # the pruned weights survive packing as exact zeros (a few kept ones round to 0 too)
+        assert 0.495 <= (m.dequantized() == 0).float().mean().item() < 0.56
 
 
 def test_owl_allocation_varies_block_sparsity_with_same_mean():

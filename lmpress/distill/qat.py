@@ -152,6 +152,11 @@ def to_fake_quant_(model: nn.Module, bits: int, group_size: int, *, learn_clip: 
     Embeddings and the output head stay in float. ``init_clip="mse"`` starts each group's clipping
     ratio at the weight-MSE-optimal value of :data:`CLIP_GRID` (else 1.0, i.e. RTN min-max).
     Returns the new layers by name.
+
+    Already-quantized layers (``QuantLinear`` from GPTQ / AWQ / RTN) start from their dequantized
+    weights: with ``init_clip=None`` and the same bits and group size, the min-max grid of those
+    weights is the quantizer's own grid, so training starts exactly at the post-training model
+    (recipe ``gptq`` then ``distill`` with ``qat_init_clip: null``).
     """
     if init_clip not in (None, "mse"):
         raise InputError(f"init_clip must be None or 'mse', got {init_clip!r}")

@@ -13,11 +13,18 @@ Recipe::
     - method: sparsegpt
       sparsity: 0.5        # or pattern: "2:4"
 
-Joint sparsification + quantization (the paper's Sec. 3.5): :func:`sparsegpt_prune` takes a
-``quantize`` callable applied to each column right after its mask, so the OBS update also
-compensates the rounding error. TODO: expose it in :class:`SparseGPTConfig` once the quantized
-layer format (``lmpress.quant``) can store a pruned quantized weight; until then the config has
-no quantization fields.
+Joint sparsification + quantization in one pass (the paper's Sec. 3.5), ``bits: 4``: each kept
+weight is also rounded to a group-wise grid (scales and zeros fixed up front from the dense layer)
+as its column is swept, so the OBS update compensates pruning and rounding errors together. The
+result is stored as a packed :class:`lmpress.quant.qlinear.QuantLinear` whose pruned weights are
+the grid's exact zero::
+
+    - method: sparsegpt
+      sparsity: 0.5
+      bits: 4
+      group_size: 64
+
+The column sweep is :mod:`lmpress.sweep` (C++ when built), shared with GPTQ.
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ from torch import Tensor
 from .. import arch
 from ..errors import InputError
 from . import masks
-from .unstructured import block_sparsities, check_sparsity_fields, collect_inputs, groups_of, require_calib, summary, zeros_and_numel
+from ..sweep import NONE, sweep_columns
+from .unstructured import (
+    block_sparsities, calib_dtype_of, check_calib_dtype, check_sparsity_fields, collect_inputs, groups_of, require_calib,
+    summary, zeros_and_numel,
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +61,18 @@ class SparseGPTConfig:
     owl_m: float = 5.0
     sequential: bool = True  # groups of linears in a block see the pruned groups before them
     batch_size: int = 8
+    calib_dtype: str = "bfloat16"  # dtype of the calibration passes and Hessian products ("float32": full)
+    bits: int | None = None  # joint mode: also quantize the kept weights to this many bits
+    group_size: int = 64  # joint mode: columns per scale / zero (-1: per output channel)
+    sym: bool = False  # joint mode: symmetric grid
 
     def __post_init__(self):
         check_sparsity_fields(self, scopes=("row",))
+        check_calib_dtype(self.calib_dtype)
+        if self.bits is not None:
+            from ..quant.grid import GridSpec
+
+            GridSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
         nm = masks.parse_pattern(self.pattern)
         if self.blocksize < 1 or (nm and self.blocksize % nm[1]):
             raise ValueError(f"blocksize {self.blocksize} must be positive (and a multiple of M for N:M)")
@@ -89,43 +109,47 @@ def sparsegpt_prune(
     sparsity: float,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
-    quantize: Callable[[Tensor, int], Tensor] | None = None,
+    grid: tuple | None = None,
+    kernel: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``W`` (out, in) with the upper Cholesky factor ``U`` of ``H^-1`` (in, in).
     Returns ``(W_pruned (out, in), loss (out,))``; exactly ``prune_count(out * in, sparsity)``
-    weights are pruned (unstructured) or N of every M kept (N:M). ``quantize(column, j)``, if
-    given, rounds each kept column (joint mode).
+    weights are pruned (unstructured) or N of every M kept (N:M). ``grid = (spec, s, z)`` with
+    ``s``, ``z`` (out, G): joint mode, each kept weight is also rounded to that grid (the returned
+    weights lie on it; pruned ones are its exact zero). ``kernel``: use the C++ sweep when built.
     """
     W = W.clone().float()
     rows, cols = W.shape
     if nm is not None and cols % nm[1]:
         raise InputError(f"N:M sparsity with M={nm[1]} needs in_features divisible by {nm[1]}; this layer has {cols}")
+    maxq = 0.0
+    if grid is not None:
+        spec, s_all, z_all = grid
+        col_group = torch.arange(cols) // spec.groups(cols)
+        maxq = float(spec.maxq)
     losses = torch.zeros(rows)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, b), (b, b)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2].contiguous()  # (out, b), (b, b)
         d = torch.diag(U1)  # (b,)
         if nm is None:
             k = masks.prune_count(rows * i2, sparsity) - masks.prune_count(rows * i1, sparsity)
-            keep = _block_mask(W1, d, k)
+            K1 = _block_mask(W1, d, k).float()
         else:
-            keep = torch.ones_like(W1, dtype=torch.bool)
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:  # N:M: choose within the next M columns, as updated so far
-                j = slice(i, i + nm[1])
-                keep[:, j] = masks.nm_mask(W1[:, j] ** 2 / d[None, j] ** 2, *nm)
-            w = W1[:, i]
-            q = w * keep[:, i]
-            if quantize is not None:
-                q = quantize(q, i1 + i) * keep[:, i]
-            Q1[:, i] = q
-            err = (w - q) / d[i]  # (out,)
-            losses += err * err / 2
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            K1 = torch.ones_like(W1)
+        S1, Z1 = NONE, NONE
+        if grid is not None:
+            S1, Z1 = s_all[:, col_group[i1:i2]].contiguous(), z_all[:, col_group[i1:i2]].contiguous()
+        Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        step = nm[1] if nm is not None else i2 - i1
+        for c0 in range(0, i2 - i1, step):
+            c1 = min(c0 + step, i2 - i1)
+            if nm is not None:  # N:M: choose within the next M columns, as updated so far
+                K1[:, c0:c1] = masks.nm_mask(W1[:, c0:c1] ** 2 / d[None, c0:c1] ** 2, *nm).float()
+            sweep_columns(W1, U1, K1, S1, Z1, Q1, E1, c0, c1, maxq, kernel)
+        W[:, i1:i2] = (Q1 - Z1) * S1 if grid is not None else Q1
+        losses += (E1 * E1).sum(1) / 2
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return W, losses
 
 
@@ -136,8 +160,7 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 
 
 def _hessian(x: Tensor) -> Tensor:
-    x = x.float()
-    return x.T @ x  # (in, in)
+    return (x.T @ x).float()  # (in, in), in x's dtype (bf16 passes: bf16 product, summed in float32)
 
 
 def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
@@ -161,10 +184,34 @@ def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
                 lin = bctx.linears[name]
                 W = arch.linear_weight(lin).detach().float().clone()
                 W[:, dead] = 0
-                W_new, _ = sparsegpt_prune(W, U, targets[bctx.index], nm, cfg.blocksize)
-                errors[f"{bctx.name}.{name}"] = relative_error(W, W_new, H)
+                grid = _joint_grid(W, cfg)
+                W_new, _ = sparsegpt_prune(W, U, targets[bctx.index], nm, cfg.blocksize, grid)
+                full = f"{bctx.name}.{name}"
+                errors[full] = relative_error(W, W_new, H)
                 arch.set_linear_weight(lin, W_new.to(lin.weight.dtype))
-                measured[f"{bctx.name}.{name}"] = zeros_and_numel(arch.linear_weight(lin))
+                measured[full] = zeros_and_numel(arch.linear_weight(lin))
+                if grid is not None:
+                    bctx.defer(lambda full=full, W_new=W_new, grid=grid: _store_quantized(model, full, W_new, grid))
 
-    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "sparsegpt")
+    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "sparsegpt",
+                dtype=calib_dtype_of(cfg))
     return {**summary(measured, targets if cfg.allocation != "uniform" else None), "relative_error_per_layer": errors}
+
+
+def _joint_grid(W: Tensor, cfg: SparseGPTConfig):
+    """Joint mode's fixed grid ``(spec, s, z)`` for the dense layer ``W``, or None."""
+    if cfg.bits is None:
+        return None
+    from ..quant.grid import GridSpec, grid_params
+
+    spec = GridSpec(cfg.bits, cfg.group_size, cfg.sym)
+    return (spec, *grid_params(W, spec))
+
+
+def _store_quantized(model, name: str, W: Tensor, grid) -> None:
+    """Swap layer ``name`` for a packed QuantLinear holding ``W``, which lies on ``grid``."""
+    from ..quant.grid import quantize_codes
+    from ..quant.qlinear import replace_linear
+
+    spec, s, z = grid
+    replace_linear(model, name, quantize_codes(W, s, z, spec), s, z, spec)

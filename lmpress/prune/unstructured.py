@@ -32,6 +32,17 @@ from ..errors import InputError
 from . import masks
 
 ALLOCATIONS = ("uniform", "owl")
+CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_calib_dtype(name: str) -> None:
+    if name not in CALIB_DTYPES:
+        raise ValueError(f"calib_dtype {name!r} must be one of {sorted(CALIB_DTYPES)}")
+
+
+def calib_dtype_of(cfg) -> torch.dtype:
+    """The dtype of the calibration passes (block forwards run on a copy of the block in it)."""
+    return CALIB_DTYPES[getattr(cfg, "calib_dtype", "float32")]
 
 
 def check_sparsity_fields(cfg, *, scopes=masks.SCOPES) -> None:
@@ -83,9 +94,11 @@ class WandaConfig:
     owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the layer mean
     sequential: bool = False  # True: groups of linears in a block see the pruned groups before them (slower)
     batch_size: int = 8  # calibration rows per forward
+    calib_dtype: str = "bfloat16"  # dtype of the calibration passes ("float32": full precision)
 
     def __post_init__(self):
         check_sparsity_fields(self)
+        check_calib_dtype(self.calib_dtype)
 
 
 def make_mask(scores: Tensor, sparsity: float, pattern: str | None, scope: str) -> Tensor:
@@ -144,7 +157,7 @@ def block_sparsities(model, cfg, calib: Tensor, progress) -> list[float]:
                   for n, m in bctx.linears.items()]
         ratios[bctx.index] = masks.outlier_ratio(torch.cat(scores), cfg.owl_m)
 
-    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=progress and "OWL outliers")
+    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=progress and "OWL outliers", dtype=calib_dtype_of(cfg))
     return masks.owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda).tolist()
 
 
@@ -199,5 +212,5 @@ def wanda_(model, cfg: WandaConfig, ctx) -> dict:
                 arch.set_linear_weight(lin, W * keep)
                 measured[f"{bctx.name}.{name}"] = zeros_and_numel(arch.linear_weight(lin))
 
-    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "wanda")
+    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "wanda", dtype=calib_dtype_of(cfg))
     return summary(measured, targets if cfg.allocation != "uniform" else None)

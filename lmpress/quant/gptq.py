@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import arch
 from ..errors import InputError
+from ..sweep import NONE, sweep_columns
 from .config import QuantConfig
 from .grid import GridSpec, choose_params, dequantize, quantize_codes
 from .qlinear import quantize_head_, replace_linear
@@ -87,35 +88,21 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, b
                   kernel: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Codes q (out, in) and scales/zeros (out, G) for ``W`` (out, in) given ``H`` (in, in).
 
-    ``kernel``: run the column loop in C++ (``lmpress/csrc/gptq_block.cpp``, built on first use)
-    when it is available, else in the Python reference loop (same arithmetic)."""
+    ``kernel``: run the column sweep (:mod:`lmpress.sweep`) in C++ when it is available, else in
+    its torch reference loop (same arithmetic)."""
     from .kernels import gptq_extension
 
-    ext = gptq_extension() if kernel else None
-    if ext is not None:
-        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, ext.quantize_columns)
+    if kernel and gptq_extension() is not None:
+        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the Python column loop is many tiny ops: threads only add synchronisation
+    torch.set_num_threads(1)  # the torch column loop is many tiny ops: threads only add synchronisation
     try:
-        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, _quantize_columns_reference)
+        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, False)
     finally:
         torch.set_num_threads(threads)
 
 
-def _quantize_columns_reference(W1, U1, S1, Z1, Q1, E1, c0, c1, maxq):
-    """Block columns c0..c1-1 of ``W1`` in order: round to the grid, and spread each column's
-    error, scaled by the inverse Hessian factor, over the block's later columns."""
-    d = torch.diag(U1).tolist()
-    for i in range(c0, c1):
-        w, sc, zc = W1[:, i], S1[:, i], Z1[:, i]
-        q = torch.round(w / sc).add_(zc).clamp_(0, maxq)
-        Q1[:, i] = q
-        err = (w - (q - zc) * sc).div_(d[i])
-        W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
-        E1[:, i] = err
-
-
-def _gptq(W, H, spec, damp, block_size, act_order, clip_search, quantize_columns):
+def _gptq(W, H, spec, damp, block_size, act_order, clip_search, kernel):
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     out_f, cols = W.shape
@@ -150,7 +137,7 @@ def _gptq(W, H, spec, damp, block_size, act_order, clip_search, quantize_columns
                 g = int(group_of[i1 + c0])
                 s_all[:, g : g + 1], z_all[:, g : g + 1] = choose_params(W1[:, c0:c1], spec, clip_search)
                 S1[:, c0:c1], Z1[:, c0:c1] = s_all[:, g : g + 1], z_all[:, g : g + 1]
-            quantize_columns(W1, U1, S1, Z1, Q1, E1, c0, c1, maxq)
+            sweep_columns(W1, U1, NONE, S1, Z1, Q1, E1, c0, c1, maxq, kernel)
         Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
     inv = torch.argsort(perm)
