@@ -161,7 +161,7 @@ def part_b(teacher, tok, stream, windows, args, out: dict) -> None:
         out[f"b_{name}"] = evaluate(s, teacher, stream, bos)
         print(name, out[f"b_{name}"], flush=True)
         del s
-    calib, _ = prepare(tok, DataConfig(calib_samples=64), need_eval=False)
+    calib, _ = prepare(tok, DataConfig(calib_samples=args.calib_samples), need_eval=False)
     s = copy.deepcopy(teacher)
     t0 = time.perf_counter()
     apply(s, make_config("gptq", bits=2, group_size=64), RunContext(calib=calib, progress=True))
@@ -202,7 +202,7 @@ def report(r: dict, args) -> str:
         ["RTN W2 g64 (min-max, post-training)", f(r["b_rtn"]["ppl"]), f(r["b_rtn"]["kl"], 3), f(r["b_rtn"]["top1"], 3), "0"],
         ["RTN W2 g64 + MSE clipping search (post-training)", f(r["b_rtn_mse"]["ppl"]), f(r["b_rtn_mse"]["kl"], 3),
          f(r["b_rtn_mse"]["top1"], 3), "0"],
-        [f"GPTQ W2 g64 (post-training, 64 x 512 calibration tokens, {r['b_gptq_seconds']:.0f} s)", f(r["b_gptq"]["ppl"]),
+        [f"GPTQ W2 g64 (post-training, {args.calib_samples} x 512 calibration tokens, {r['b_gptq_seconds']:.0f} s)", f(r["b_gptq"]["ppl"]),
          f(r["b_gptq"]["kl"], 3), f(r["b_gptq"]["top1"], 3), "0"],
         [f"GPTQ W2 g64, then QAT + distillation ({args.loss_b.upper()}, learnable clipping)", f(r["b_qat"]["ppl"]),
          f(r["b_qat"]["kl"], 3), f(r["b_qat"]["top1"], 3), f"{bq['tokens']:,}"],
@@ -253,6 +253,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--only", choices=["a", "b"], default=None)
+    ap.add_argument("--calib-samples", type=int, default=64, help="GPTQ W2 calibration rows of 512 tokens (part b)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

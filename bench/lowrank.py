@@ -109,6 +109,8 @@ def run(args) -> None:
         m.update(seconds=secs, kept=info["kept_fraction"], err=info["mean_rel_error"])
         results[(label, ratio)] = m
         print(label, ratio, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}, flush=True)
+        if method == "svd-llm" and not extra and ratio in args.distill_at:
+            results[(f"svd-llm + distillation ({args.distill_tokens:,} tokens)", ratio)] = distill_row(again, model, tok, ref, speed_kw, args)
         shutil.rmtree(out, ignore_errors=True)
         del student, again
         if args.write and len(results) < len(runs):  # a partial table survives an interrupted run
@@ -121,6 +123,24 @@ def run(args) -> None:
         write_section("lowrank", body)
 
 
+def distill_row(student, teacher, tok, ref, speed_kw, args) -> dict:
+    """Recovery of a factorized model by distillation from the original (forward KL, the engine of
+    lmpress.distill): the factors are plain linears (DSFormer: basis and values), so they train."""
+    from lmpress.distill.data import corpus_windows
+    from lmpress.distill.engine import DistillConfig, distill
+
+    cfg = DistillConfig(loss="fkl", tokens=args.distill_tokens, batch_size=4, seq_len=256, lr=args.distill_lr, bf16=True, seed=0)
+    windows = corpus_windows(tok, None, seq_len=cfg.seq_len, max_rows=-(-cfg.tokens // cfg.seq_len), seed=0)
+    t0 = time.perf_counter()
+    res = distill(student, teacher, cfg, windows=windows, progress=args.progress)
+    secs = time.perf_counter() - t0
+    student.eval()
+    m = measure(student, ref, None, speed_kw)
+    m.update(seconds=secs, disk=None, tokens_per_s=res["tokens_per_s"])
+    print("distilled", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}, flush=True)
+    return m
+
+
 def report(args, base, results, calib_shape, wall, note: str = "") -> str:
     mb = 1e6
     header = ["ratio", "method", "perplexity", "Δppl", "KL", "top-1", "linear params", "linear MB",
@@ -129,7 +149,7 @@ def report(args, base, results, calib_shape, wall, note: str = "") -> str:
              f"{base['linear_bytes'] / mb:.1f}", f"{base['disk'] / mb:.1f}", f"{base['decode']:.1f} (1.00)", "-"]]
     for (method, ratio), m in sorted(results.items(), key=lambda kv: -kv[0][1]):
         rows.append([ratio, method, f"{m['ppl']:,.2f}", f"{m['ppl'] - base['ppl']:+,.2f}", f"{m['kl']:.3f}", f"{m['top1']:.3f}",
-                     f"{m['linear'] / 1e6:.1f}M", f"{m['linear_bytes'] / mb:.1f}", f"{m['disk'] / mb:.1f}",
+                     f"{m['linear'] / 1e6:.1f}M", f"{m['linear_bytes'] / mb:.1f}", f"{m['disk'] / mb:.1f}" if m["disk"] else "-",
                      f"{m['decode']:.1f} ({m['decode'] / base['decode']:.2f})", f"{m['seconds']:.0f}"])
     verdicts = targets(base, results)
     return f"""## Low-rank: SVD, ASVD, SVD-LLM, DSFormer
@@ -146,6 +166,9 @@ row of a ratio stores the same bytes. Per-layer ranks (and DSFormer byte budgets
 method, shared across ratios), except the rows marked "uniform ranks" (same fraction in every layer). DSFormer: density s/k = 0.5, {args.iters} alternating iterations. KL is
 KL(original ‖ compressed) in nats per token. Decode: batch 1, 64-token prompt, 32 new tokens, best of {args.repeats};
 DSFormer layers multiply by a cached dense coefficient matrix (sparse products were slower on this CPU).
+Distillation rows: the SVD-LLM model of that ratio trained toward the original (forward KL, AdamW, learning
+rate {args.distill_lr:g}, batch 4 x 256 tokens from the calibration documents, bf16 autocast); "compress s"
+is the training time alone.
 "linear MB" is the block linears as stored; "disk MB" is the whole saved folder (embeddings included).
 
 {md_table(header, rows)}
@@ -186,6 +209,9 @@ def main() -> None:
     ap.add_argument("--dsformer-at", type=float, nargs="*", default=[0.9, 0.8, 0.6], help="ratios at which DSFormer runs")
     ap.add_argument("--uniform-at", type=float, nargs="*", default=[0.8], help="ratios with an extra SVD-LLM row, uniform ranks")
     ap.add_argument("--repeats", type=int, default=3, help="decode speed: best of this many runs")
+    ap.add_argument("--distill-at", type=float, nargs="*", default=[0.6], help="ratios with an SVD-LLM + distillation row")
+    ap.add_argument("--distill-tokens", type=int, default=16_384)
+    ap.add_argument("--distill-lr", type=float, default=2e-4)
     ap.add_argument("--no-write", dest="write", action="store_false", help="print only, leave BENCHMARKS.md")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()

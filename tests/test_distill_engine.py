@@ -268,3 +268,22 @@ def test_bad_inputs():
         DistillConfig(batch_size=6, grad_accum=4)
     with pytest.raises(ValueError, match="top-k teacher cache"):
         DistillConfig(topk=8, topk_cache="x", on_policy=0.5)
+
+
+def test_recipe_gptq_then_quantization_aware_distillation(tmp_path, byte_tok):
+    """gptq -> distill(qat): training starts at the GPTQ model, lowers the KL, ends packed."""
+    from lmpress.data import DataConfig
+
+    (tmp_path / "c.txt").write_text("\n\n".join(f"document {i} " + "some text here " * 30 for i in range(50)))
+    t = teacher_model()
+    s = copy.deepcopy(t)
+    ids = torch.tensor([byte_tok("document 51 " + "some text here " * 4)["input_ids"][:L_SEQ * 3]])  # unseen document
+    ctx = rc.RunContext(calib=windows(8, seed=3), tokenizer=byte_tok, teacher=t,
+                        data=DataConfig(corpus=str(tmp_path / "c.txt")), progress=False)
+    rc.apply(s, rc.make_config("gptq", bits=2, group_size=16), ctx)
+    kl_ptq = kl_to(s, t, ids)
+    cfg = rc.make_config("distill", loss="fkl", tokens=12 * 4 * L_SEQ, batch_size=4, seq_len=L_SEQ, lr=3e-3,
+                         qat_bits=2, qat_group_size=16, qat_init_clip=None)
+    rc.apply(s, cfg, ctx)
+    assert type(s.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    assert kl_to(s, t, ids) < 0.8 * kl_ptq
