@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, help="quantization group size (columns per scale); -1 per channel")
     g.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid")
     g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (with zero points)")
-    g.add_argument("--act-order", action="store_true", default=None, help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (default on; --no-act-order: natural order)")
     g.add_argument("--ternary", action="store_true", default=None, help="ternary weights {-1, 0, 1} x scale")
     g.add_argument("--head-bits", type=int, help="also quantize the output head (untied) to this many bits")
     g.add_argument("--sparsity", type=float)
