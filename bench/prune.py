@@ -41,6 +41,7 @@ UNSTRUCTURED = [  # row name, method, options
     ("magnitude-2:4", "magnitude", {"pattern": "2:4"}),
     ("wanda-2:4", "wanda", {"pattern": "2:4"}),
     ("sparsegpt-2:4", "sparsegpt", {"pattern": "2:4"}),
+    ("sparsegpt-0.5+w4g64", "sparsegpt", {"sparsity": 0.5, "bits": 4, "group_size": 64}),  # joint prune + quantize
 ]
 WIDTH = [("width-0.75", {"target_params": 0.75}), ("width-0.5", {"target_params": 0.5}),
          ("width-0.75-hidden", {"target_params": 0.75, "hidden": True}), ("width-0.5-hidden", {"target_params": 0.5, "hidden": True})]
@@ -309,7 +310,10 @@ same way for the size column); their decode runs densified, so it is not faster.
 prompt, 32 new tokens, best of 3 (unstructured table); for the structured table the original and every structured
 model were re-measured in a final interleaved pass (3 rounds x best of 2, best kept), so that load from other
 processes on the shared 2-core machine hits all of them alike. Pruning wall time: the method call
-only (model loading excluded), for llm-compressor its `oneshot` call. Width rows share one importance pass
+only (model loading excluded), for llm-compressor its `oneshot` call. lmpress's Wanda and SparseGPT run with
+their defaults (calibration passes in bfloat16; SparseGPT true-sequential within a block); llm-compressor with
+its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
+4-bit asymmetric g64 grid in the same sweep, stored as a packed 4-bit layer (zeros included). Width rows share one importance pass
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise).
 Machine: {environment()}.
 
@@ -388,6 +392,7 @@ def main() -> None:
     bench.unstructured(("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4"))
     if not args.skip_peers:
         bench.peers(("wanda-2:4", "sparsegpt-2:4"))
+    bench.unstructured(("sparsegpt-0.5+w4g64",))
     body = report(bench)
     if not args.no_write:
         write_section("prune", body)

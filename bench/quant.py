@@ -2,6 +2,11 @@
 
     python bench/quant.py                      # full table, writes the 'quant' section of BENCHMARKS.md
     python bench/quant.py --quick              # fewer settings, for a smoke run (does not write)
+    python bench/quant.py --resume --redo "W4 g64|gptq" "W4 g64|llmc"   # re-measure rows, keep the rest
+
+Every finished row is kept in ``--cache`` (JSON); ``--resume`` skips the rows found there and
+``--redo`` measures the named rows (``label|method``) again, so an interrupted or disturbed run can
+be completed without redoing everything. The table says which rows came from a later run.
 
 Default model (SmolLM2-135M-Instruct, fp32), default corpus; the same calibration tokens
 (64 x 512 from the calibration split) for every method and for llm-compressor; evaluation on the
@@ -88,6 +93,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--note", default="", help="a sentence about the run's conditions, printed with the table")
+    ap.add_argument("--cache", default="/tmp/lmpress-bench-quant.json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of --cache, run only the missing ones")
+    ap.add_argument("--redo", nargs="*", default=[], help="rows 'label|method' to measure again (with --resume)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from lmpress.quant import kernels
@@ -104,10 +112,19 @@ def main() -> None:
     fspeed = [speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps]
     float_row = {"ppl": perplexity(fm, stream, context=512, bos=bos).ppl, "kl": 0.0, "bpw": 32.0, "disk": folder_bytes(model_dir)}
     results = {}
+    if args.resume and Path(args.cache).exists():
+        saved = json.loads(Path(args.cache).read_text())
+        fspeed = saved["fspeed"] + fspeed
+        results = {tuple(k.split("|")): v for k, v in saved["rows"].items() if k not in args.redo}
+        for k in args.redo:
+            later.add(tuple(k.split("|")))
+        later.update(tuple(k.split("|")) for k in saved.get("later", []))
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         calib_file = Path(tmp) / "calib.npy"
         np.save(calib_file, calib.numpy())
         for label, bits, group, method in PLAN[:4] if args.quick else PLAN:
+            if (label, method) in results:
+                continue
             if method == "llmc":
                 if args.no_peer:
                     continue
@@ -131,14 +148,25 @@ def main() -> None:
                     fspeed.append(speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps)
             print(label, method, results[(label, method)], flush=True)
             if not args.quick:
+                _save(args.cache, results, fspeed)
                 write(results, float_row, fspeed, pc, kernels.backend_name(), args, done=False)
-        if not args.quick:  # the time target is at 128 x 512 calibration tokens
+        if not args.quick and ("time128", "gptq") not in results:  # the time target is at 128 x 512 tokens
             calib128, _ = prepare(tok, DataConfig(calib_samples=128), need_eval=False)
             m, secs = run_method(fm, "gptq", 4, 64, calib128)
             results[("time128", "gptq")] = {"seconds": secs, "ppl": perplexity(m, stream, context=512, bos=bos).ppl}
             del m
             print("time128", results[("time128", "gptq")], flush=True)
+            _save(args.cache, results, fspeed)
+        if not args.quick:
             write(results, float_row, fspeed, pc, kernels.backend_name(), args, done=True)
+
+
+later: set = set()  # rows measured by a later --redo run than the others
+
+
+def _save(path, results, fspeed) -> None:
+    rows = {"|".join(k): v for k, v in results.items()}
+    Path(path).write_text(json.dumps({"rows": rows, "fspeed": fspeed, "later": ["|".join(k) for k in later]}, indent=1))
 
 
 def _checks(results, float_row) -> str:
@@ -169,7 +197,7 @@ def write(results, float_row, fspeed, pc, kinfo, args, done) -> None:
             continue
         note = " †" if label == "W4 g32" else ""
         dec = f"{r['decode']:.1f} ({r['decode'] / fdec:.2f}x)" if "decode" in r else "same storage as GPTQ"
-        name = "GPTQ, 8-bit head" if method == "gptq+head8" else method.upper()
+        name = ("GPTQ, 8-bit head" if method == "gptq+head8" else method.upper()) + (" ‡" if (label, method) in later else "")
         rows.append([label + note, name, f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['bpw']:.2f}",
                      f"{r['disk'] / 1e6:.1f}", f"{r['seconds']:.1f}", dec])
     peer_rows = []
@@ -180,7 +208,8 @@ def write(results, float_row, fspeed, pc, kinfo, args, done) -> None:
         if "error" in p:
             peer_rows.append([label, "not run: " + p["error"], "", "", "", ""])
             continue
-        peer_rows.append([label, f"{p['ppl']:.3f}", f"{p['kl']:.4f}", f"{p['seconds']:.0f}",
+        mark = " ‡" if (label, method) in later else ""
+        peer_rows.append([label + mark, f"{p['ppl']:.3f}", f"{p['kl']:.4f}", f"{p['seconds']:.0f}",
                           f"{ours['ppl']:.3f} / {ours['kl']:.4f} / {ours['seconds']:.0f}",
                           f"{ours['seconds'] / p['seconds']:.2f}x"])
     linear_fp32, emb = 4 * pc.linear, 4 * pc.embedding
@@ -205,6 +234,8 @@ observer, float32 passes). Decode: batch 1, 64-token prompt,
 the same process. Kernel: {kinfo}. Machine: {environment()}.
 {args.note}
 {status}
+{"‡ measured again in a later run of the same script (`--resume --redo`), both rows of the lmpress / llm-compressor pair together, after the first run's figure was disturbed by other work on the machine; every other row is from the first run." if later else ""}
+
 † the default model's weights sit on a 4-bit asymmetric g32 grid (it was distributed as Q4_1), so
 this row is lossless by construction and says nothing about the methods. Group size 128 does not
 divide the hidden size 576 and is not run.

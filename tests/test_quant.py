@@ -181,3 +181,12 @@ def test_gptq_kernel_matches_reference_loop(act_order):
     torch.testing.assert_close(fast[1], ref[1], rtol=1e-3, atol=1e-6)
     err = [(((dequantize(*r) - W) @ H) * (dequantize(*r) - W)).sum().item() for r in (fast, ref)]
     assert err[0] == pytest.approx(err[1], rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_gram_equals_the_plain_product(dtype):
+    from lmpress.quant.gptq import gram
+
+    x = torch.randn(300, 70).to(dtype)
+    torch.testing.assert_close(gram(x, min_split=16), (x.T @ x).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+    assert torch.equal(gram(x), (x.T @ x).float())
