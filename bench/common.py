@@ -29,6 +29,14 @@ def environment() -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md, between HTML comment markers."""
+    import fcntl
+
+    with open(BENCHMARKS.with_suffix(".lock"), "w") as lock:  # benchmarks running side by side
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _replace_section(name, body)
+
+
+def _replace_section(name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# lmpress benchmarks\n\nEvery table below is written by a script in `bench/`; the command, model, data and date are given with it.\n"
     block = f"{start}\n{body.rstrip()}\n{end}"

@@ -11,8 +11,8 @@ be completed without redoing everything. The table says which rows came from a l
 Default model (SmolLM2-135M-Instruct, fp32), default corpus; the same calibration tokens
 (64 x 512 from the calibration split) for every method and for llm-compressor; evaluation on the
 fixed evaluation stream (4,096 tokens, context 512). The default model's weights were stored as
-Q4_1 (4-bit asymmetric, groups of 32), so W4 asymmetric g32 is lossless by construction: it is
-marked and proves nothing. Decode speed depends on the storage (bits, group), not on the method, so
+Q4_1 (per 32 weights a scale and a float minimum), so W4 asymmetric g32 is favoured by the data:
+it is marked. (It is not lossless: lmpress's grid has an integer zero point, Q4_1 a float minimum.) Decode speed depends on the storage (bits, group), not on the method, so
 it is measured once per storage setting, on the GPTQ model, in the same process as the float model.
 """
 
@@ -236,8 +236,9 @@ the same process. Kernel: {kinfo}. Machine: {environment()}.
 {status}
 {"‡ measured again in a later run of the same script (`--resume --redo`), both rows of the lmpress / llm-compressor pair together, after the first run's figure was disturbed by other work on the machine; every other row is from the first run." if later else ""}
 
-† the default model's weights sit on a 4-bit asymmetric g32 grid (it was distributed as Q4_1), so
-this row is lossless by construction and says nothing about the methods. Group size 128 does not
+† the default model's weights sit on a 4-bit g32 grid (it was distributed as Q4_1: per 32 weights a
+scale and a float minimum), which favours this row; it is not lossless because lmpress's asymmetric
+grid has an integer zero point where Q4_1 has a float minimum. Group size 128 does not
 divide the hidden size 576 and is not run.
 
 {md_table(["setting", "method", "perplexity", "KL", "bits/weight", "disk (MB)", "quantize (s)", "decode tok/s (vs float)"], rows)}
