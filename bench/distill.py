@@ -13,6 +13,8 @@ on), context 512, 4,088 scored tokens.
 
     flock /tmp/lmpress-heavy.lock python bench/distill.py           # writes the 'distill' section
     python bench/distill.py --tokens-a 8000 --tokens-b 8000 --no-write   # a quick smoke run
+    python bench/distill.py --only b --json d.json; python bench/distill.py --only a --json d.json
+                                              # the parts one at a time, merged through d.json
 """
 
 from __future__ import annotations
@@ -184,6 +186,28 @@ def f(x, nd=2):
 
 
 def report(r: dict, args) -> str:
+    """The section: part (a) and part (b) as far as ``r`` holds them (``--only`` runs are merged
+    through ``--json``)."""
+    parts = [_report_a(r, args) if "a_kd" in r else "(a) not run yet: `python bench/distill.py --only a --json FILE`.",
+             _report_b(r, args) if "b_qat" in r else "(b) not run yet: `python bench/distill.py --only b --json FILE`."]
+    runs = "; ".join(f"part {k}: `{v['command']}`, {v['minutes']:.0f} min, 1-minute load average {v['load'][0]:.1f} at the start "
+                     f"and {v['load'][1]:.1f} at the end" for k, v in sorted(r.get("runs", {}).items()))
+    return f"""## Distillation: prune-then-distill and 2-bit quantization-aware distillation
+
+Runs ({runs}). A load above 2 means other jobs shared the 2 cores and the tokens/s figures are low.
+CPU budget: about 30 minutes for both parts. Model: SmolLM2-135M-Instruct (built-in, fp32).
+Data: built-in Wikipedia corpus; training windows of {args.seq_len} tokens from the calibration documents
+(seed 0, {r['train_rows']} windows), batch {args.batch_size} windows per step, AdamW, warmup 5%
+then cosine, gradient clipping 1.0, bf16 autocast for the forward passes (fp32 weights); perplexity and KL
+to the original model on the evaluation documents (context 512, 4,088 scored tokens, fp32). Machine: {environment()}.
+
+{parts[0]}
+
+{parts[1]}
+"""
+
+
+def _report_a(r, args) -> str:
     t, p, kd, ce = r["teacher"], r["pruned"], r["a_kd"], r["a_ce"]
     gap = p["ppl"] - t["ppl"]
     rec = lambda x: 100 * (p["ppl"] - x["ppl"]) / gap  # noqa: E731
@@ -196,7 +220,21 @@ def report(r: dict, args) -> str:
         ["pruned + cross-entropy fine-tuning", "same", f(ce["ppl"]), f(ce["kl"], 3), f"{ac['tokens']:,}",
          f"{rec(ce):.0f}%", f"{ac['tokens_per_s']:.0f}"],
     ]
-    bq = r["b_qat_train"]
+    return f"""(a) Student: {r['prune_how']}; non-embedding parameters {r['params_student'] / 1e6:.1f}M of
+{r['params_teacher'] / 1e6:.1f}M ({100 * r['params_student'] / r['params_teacher']:.1f}%). Both runs use
+learning rate {args.lr_a:g} and the same {ak['tokens']:,} training tokens ({ak['epochs']:.2f} epochs of the windows).
+"Gap recovered" is (ppl_pruned - ppl_after) / (ppl_pruned - ppl_teacher).
+
+{md_table(["model", "non-emb. params", "perplexity", "KL to teacher", "train tokens", "gap recovered", "train tokens/s"], rows_a)}
+
+Training throughput, teacher forward included: distillation {ak['tokens_per_s']:.0f} tokens/s, cross-entropy
+fine-tuning (no teacher) {ac['tokens_per_s']:.0f}. bfloat16 autocast versus float32 for the pruned student's
+distillation step (3 steps each, same run): {r['tps_bf16_True']:.0f} versus {r['tps_bf16_False']:.0f} tokens/s
+({r['tps_bf16_True'] / r['tps_bf16_False']:.2f}x)."""
+
+
+def _report_b(r, args) -> str:
+    t, bq = r["teacher"], r["b_qat_train"]
     rows_b = [
         ["float (teacher)", f(t["ppl"]), "0", "1.000", "-"],
         ["RTN W2 g64 (min-max, post-training)", f(r["b_rtn"]["ppl"]), f(r["b_rtn"]["kl"], 3), f(r["b_rtn"]["top1"], 3), "0"],
@@ -207,39 +245,15 @@ def report(r: dict, args) -> str:
         [f"GPTQ W2 g64, then QAT + distillation ({args.loss_b.upper()}, learnable clipping)", f(r["b_qat"]["ppl"]),
          f(r["b_qat"]["kl"], 3), f(r["b_qat"]["top1"], 3), f"{bq['tokens']:,}"],
     ]
-    return f"""## Distillation: prune-then-distill and 2-bit quantization-aware distillation
-
-Command: `flock /tmp/lmpress-heavy.lock python bench/distill.py {' '.join(sys.argv[1:])}` (CPU budget: about
-30 minutes; this run took {r['total_minutes']:.0f} minutes). Model: SmolLM2-135M-Instruct (built-in, fp32).
-Data: built-in Wikipedia corpus; training windows of {args.seq_len} tokens from the calibration documents
-(seed 0, {r['train_rows']} windows; run (a) used {ak['epochs']:.2f} epochs of them), batch {args.batch_size} windows per step, AdamW, warmup 5%
-then cosine, gradient clipping 1.0, bf16 autocast for the forward passes (fp32 weights); perplexity and KL
-to the original model on the evaluation documents (context 512, 4,088 scored tokens, fp32). Machine: {environment()};
-1-minute load average {r['load'][0]:.1f} at the start and {r['load'][1]:.1f} at the end (above 2, other jobs shared the
-2 cores and the tokens/s figures are low).
-
-(a) Student: {r['prune_how']}; non-embedding parameters {r['params_student'] / 1e6:.1f}M of
-{r['params_teacher'] / 1e6:.1f}M ({100 * r['params_student'] / r['params_teacher']:.1f}%). Both runs use
-learning rate {args.lr_a:g} and the same {ak['tokens']:,} training tokens. "Gap recovered" is
-(ppl_pruned - ppl_after) / (ppl_pruned - ppl_teacher).
-
-{md_table(["model", "non-emb. params", "perplexity", "KL to teacher", "train tokens", "gap recovered", "train tokens/s"], rows_a)}
-
-(b) Grid: asymmetric per group of 64 input columns, W ≈ (q - z) s, q in [0, 3], fp16 scales, every
+    return f"""(b) Grid: asymmetric per group of 64 input columns, W ≈ (q - z) s, q in [0, 3], fp16 scales, every
 linear inside the 30 blocks (embeddings / tied head in float). GPTQ with its defaults (act-order, MSE
 clip search). QAT (`lmpress.distill.qat`) starts from the GPTQ model: the latent weights are GPTQ's
 dequantized weights and the clipping ratios start at 1, so the starting grid is GPTQ's; the float model
 is the teacher; learning rate {args.lr_b:g} for the latent weights (and the float embeddings and
-norms), {args.clip_lr_b:g} for the clipping ratios.
+norms), {args.clip_lr_b:g} for the clipping ratios; {bq['tokens']:,} training tokens at {bq['tokens_per_s']:.0f} tokens/s
+(teacher forward included).
 
-{md_table(["W2 g64 model", "perplexity", "KL to float", "top-1 agreement", "train tokens"], rows_b)}
-
-Training throughput on this CPU, teacher forward included (tokens/s): prune-then-distill
-{ak['tokens_per_s']:.0f}, QAT distillation {bq['tokens_per_s']:.0f}; cross-entropy fine-tuning without a
-teacher {ac['tokens_per_s']:.0f}. bfloat16 autocast versus float32 for the pruned student's distillation
-step (3 steps each, same run): {r['tps_bf16_True']:.0f} versus {r['tps_bf16_False']:.0f} tokens/s
-({r['tps_bf16_True'] / r['tps_bf16_False']:.2f}x).
-"""
+{md_table(["W2 g64 model", "perplexity", "KL to float", "top-1 agreement", "train tokens"], rows_b)}"""
 
 
 def main() -> None:
@@ -268,21 +282,22 @@ def main() -> None:
     _, stream = prepare(tok, DataConfig(eval_tokens=4096), need_calib=False)
     rows = -(-max(args.tokens_a, args.tokens_b) // args.seq_len)
     windows = corpus_windows(tok, None, seq_len=args.seq_len, max_rows=rows, seed=0)
-    r = {"teacher": evaluate(teacher, None, stream, tok.bos_token_id), "train_rows": len(windows)}
+    r = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    r.update(teacher=evaluate(teacher, None, stream, tok.bos_token_id), train_rows=len(windows))
     print("teacher:", r["teacher"], flush=True)
     if args.only != "b":
         part_a(teacher, tok, stream, windows, args, r)
     if args.only != "a":
         part_b(teacher, tok, stream, windows, args, r)
-    r["total_minutes"] = (time.perf_counter() - t0) / 60
-    r["load"] = (load_start, os.getloadavg()[0])
+    info = {"command": "python bench/distill.py " + " ".join(sys.argv[1:]), "minutes": (time.perf_counter() - t0) / 60,
+            "load": (load_start, os.getloadavg()[0])}
+    r.setdefault("runs", {}).update({k: info for k in ("ab" if args.only is None else args.only)})
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2, default=str))
-    if args.only is None:
-        body = report(r, args)
-        print(body)
-        if not args.no_write:
-            write_section("distill", body)
+    body = report(r, args)
+    print(body)
+    if not args.no_write:
+        write_section("distill", body)
 
 
 if __name__ == "__main__":
