@@ -29,7 +29,6 @@ The column sweep is :mod:`lmpress.sweep` (C++ when built), shared with GPTQ.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 

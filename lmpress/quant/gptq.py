@@ -30,7 +30,7 @@ from .. import arch
 from ..errors import InputError
 from ..sweep import NONE, sweep_columns
 from .config import QuantConfig
-from .grid import GridSpec, choose_params, dequantize, quantize_codes
+from .grid import GridSpec, choose_params, dequantize
 from .qlinear import quantize_head_, replace_linear
 
 
