@@ -27,6 +27,14 @@ from torch import nn
 from . import arch
 
 
+CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a method's ``calib_dtype`` field
+
+
+def check_calib_dtype(name: str) -> None:
+    if name not in CALIB_DTYPES:
+        raise ValueError(f"calib_dtype {name!r} must be one of {sorted(CALIB_DTYPES)}")
+
+
 class _Stop(Exception):
     pass
 

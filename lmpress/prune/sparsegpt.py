@@ -159,7 +159,9 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 
 
 def _hessian(x: Tensor) -> Tensor:
-    return (x.T @ x).float()  # (in, in), in x's dtype (bf16 passes: bf16 product, summed in float32)
+    from ..quant.gptq import gram
+
+    return gram(x)  # (in, in) float32, the product in x's dtype
 
 
 def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:

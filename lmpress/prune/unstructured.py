@@ -29,19 +29,14 @@ from torch import Tensor
 
 from .. import arch
 from ..errors import InputError
+from ..calib import check_calib_dtype
 from . import masks
 
 ALLOCATIONS = ("uniform", "owl")
-CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def check_calib_dtype(name: str) -> None:
-    if name not in CALIB_DTYPES:
-        raise ValueError(f"calib_dtype {name!r} must be one of {sorted(CALIB_DTYPES)}")
-
-
 def calib_dtype_of(cfg) -> torch.dtype:
     """The dtype of the calibration passes (block forwards run on a copy of the block in it)."""
+    from ..calib import CALIB_DTYPES
+
     return CALIB_DTYPES[getattr(cfg, "calib_dtype", "float32")]
 
 

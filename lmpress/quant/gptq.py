@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import arch
+from ..calib import CALIB_DTYPES, check_calib_dtype
 from ..errors import InputError
 from ..sweep import NONE, sweep_columns
 from .config import QuantConfig
@@ -63,11 +64,9 @@ class GPTQConfig(QuantConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.calib_dtype not in CALIB_DTYPES:
-            raise InputError(f"calib_dtype {self.calib_dtype!r} is not supported; use one of {sorted(CALIB_DTYPES)}")
+        check_calib_dtype(self.calib_dtype)
 
 
-CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
