@@ -155,14 +155,51 @@ def test_owl_allocation_varies_block_sparsity_with_same_mean():
     assert info["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_sensitivity_allocation_prunes_sensitive_blocks_less():
+    model, info = _pruned("sparsegpt", sparsity=0.5, allocation="sensitivity", owl_lambda=0.1)
+    t = info["block_sparsity_target"]
+    assert max(t) - min(t) == pytest.approx(0.2, abs=1e-5) and sum(t) / 3 == pytest.approx(0.5, abs=1e-6)
+    assert info["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_sensitivity_score_orders_blocks_by_their_pruned_output_error():
+    from lmpress.calib import walk_blocks
+    from lmpress.prune import unstructured as U
+
+    model = tiny_model()
+    dense = copy.deepcopy(model)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16))
+    cfg = make_config("wanda", sparsity=0.5, allocation="sensitivity", owl_lambda=0.1)
+    errors = []
+
+    def fn(bctx):
+        norms = U.collect_inputs(bctx, list(bctx.linears), U._sum_squares)
+        errors.append(U._pruned_output_error(bctx, norms, cfg))
+
+    walk_blocks(model, calib, fn, batch_size=4)
+    assert all(e > 0 for e in errors)
+    targets = U.block_sparsities(model, cfg, calib, progress=False)
+    order = sorted(range(len(errors)), key=errors.__getitem__)
+    assert [targets[i] for i in order] == sorted(targets, reverse=True)  # the most sensitive block is pruned least
+    for a, b in zip(model.parameters(), dense.parameters()):  # measuring leaves the model dense
+        assert torch.equal(a, b)
+
+
+def test_relative_output_error_is_a_ratio_of_norms():
+    x = torch.zeros(1, 2, 2)
+    y = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])  # ||y - x|| = 5
+    assert masks.relative_output_error([(x, y, y + torch.tensor([[[0.0, 0.0], [0.0, 1.0]]]))]) == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("method,kw,match", [
     ("wanda", {"sparsity": 1.0}, r"\[0, 1\)"),
     ("magnitude", {"sparsity": -0.2}, r"\[0, 1\)"),
     ("sparsegpt", {"pattern": "4:2"}, "N:M"),
     ("wanda", {"pattern": "2-4"}, "N:M"),
     ("wanda", {"sparsity": 0.3, "pattern": "2:4"}, "contradicts"),
-    ("wanda", {"allocation": "owl", "pattern": "2:4"}, "OWL"),
-    ("wanda", {"allocation": "sensitivity"}, "allocation"),
+    ("wanda", {"allocation": "owl", "pattern": "2:4"}, "owl allocation"),
+    ("wanda", {"allocation": "sensitivity", "pattern": "2:4"}, "sensitivity allocation"),
+    ("wanda", {"allocation": "hessian"}, "allocation"),
     ("sparsegpt", {"dampening": 0}, "dampening"),
     ("wanda", {"nonsense": 1}, "no option"),
 ])

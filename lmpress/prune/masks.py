@@ -104,6 +104,16 @@ def outlier_ratio(scores: Tensor, m: float) -> float:
     return (scores > m * scores.mean()).float().mean().item()
 
 
+def relative_output_error(triples) -> float:
+    """``sqrt(sum ||y' - y||^2 / sum ||y - x||^2)`` over (x, y, y') batches: how far a changed block's
+    output y' moves from the original y, relative to the original block's own update y - x."""
+    num = den = 0.0
+    for x, y, y2 in triples:
+        num += (y2.double() - y.double()).pow(2).sum().item()
+        den += (y.double() - x.double()).pow(2).sum().item()
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
 def owl_sparsities(ratios: Tensor, sparsity: float, lam: float) -> Tensor:
     """OWL per-layer sparsities from outlier ratios D (L,): densities spread over ``2*lam``,
     proportional to D, averaging ``1 - sparsity``. (L,) -> (L,)

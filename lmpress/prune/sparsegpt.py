@@ -55,8 +55,8 @@ class SparseGPTConfig:
     pattern: str | None = None  # "N:M": keep N of every M consecutive inputs of a row
     blocksize: int = 128  # columns per lazy block (and per adaptive mask selection)
     dampening: float = 0.01  # added to diag(H), as a fraction of its mean
-    allocation: str = "uniform"  # "uniform" or "owl" (outlier-weighted per-block sparsity)
-    owl_lambda: float = 0.08
+    allocation: str = "uniform"  # "uniform", "owl" (outlier-weighted) or "sensitivity" (per-block output error)
+    owl_lambda: float = 0.08  # owl / sensitivity: block sparsities spread over target +- lambda
     owl_m: float = 5.0
     sequential: bool = True  # groups of linears in a block see the pruned groups before them
     batch_size: int = 8

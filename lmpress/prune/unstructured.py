@@ -8,6 +8,10 @@
 * OWL (Yin et al., arXiv 2310.05065, ``allocation="owl"``): one extra pass over the dense model
   measures each block's outlier ratio; blocks with more outliers are pruned less, the mean sparsity
   stays the target.
+* Sensitivity (``allocation="sensitivity"``): the same extra pass Wanda-prunes each dense block on
+  its own, at the target sparsity, and measures how far its output moves, relative to the block's
+  own update ``||f_pruned(x) - f(x)|| / ||f(x) - x||``; more sensitive blocks are pruned less, with
+  the same linear spread (``owl_lambda``) and mean as OWL.
 
 Recipe::
 
@@ -20,6 +24,7 @@ turns them into compact ``SparseLinear`` layers before saving.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -32,7 +37,7 @@ from ..errors import InputError
 from ..calib import check_calib_dtype
 from . import masks
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "sensitivity")
 def calib_dtype_of(cfg) -> torch.dtype:
     """The dtype of the calibration passes (block forwards run on a copy of the block in it)."""
     from ..calib import CALIB_DTYPES
@@ -53,9 +58,10 @@ def check_sparsity_fields(cfg, *, scopes=masks.SCOPES) -> None:
     allocation = getattr(cfg, "allocation", "uniform")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation {allocation!r} must be one of {ALLOCATIONS}")
-    if allocation == "owl":
+    if allocation != "uniform":
         if nm:
-            raise ValueError("OWL allocation gives each layer its own sparsity, which an N:M pattern cannot; drop one of them")
+            raise ValueError(f"{allocation} allocation gives each block its own sparsity, which an N:M pattern cannot; "
+                             "drop one of them")
         masks.owl_sparsities(torch.zeros(2), cfg.sparsity, cfg.owl_lambda)  # validates lambda
         if cfg.owl_m <= 1:
             raise ValueError(f"owl_m {cfg.owl_m} must be > 1 (outliers are scores above owl_m x the mean)")
@@ -84,8 +90,8 @@ class WandaConfig:
     sparsity: float | None = None  # fraction of weights zeroed; default 0.5, or 1 - N/M with a pattern
     pattern: str | None = None  # "N:M": keep N of every M consecutive inputs of a row
     scope: str = "row"  # compare within each "row" (the paper) or the whole "layer"
-    allocation: str = "uniform"  # "uniform" or "owl" (outlier-weighted per-block sparsity)
-    owl_lambda: float = 0.08  # OWL: block sparsities spread over target +- lambda
+    allocation: str = "uniform"  # "uniform", "owl" (outlier-weighted) or "sensitivity" (per-block output error)
+    owl_lambda: float = 0.08  # owl / sensitivity: block sparsities spread over target +- lambda
     owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the layer mean
     sequential: bool = False  # True: groups of linears in a block see the pruned groups before them (slower)
     batch_size: int = 8  # calibration rows per forward
@@ -138,22 +144,43 @@ def groups_of(bctx, sequential: bool) -> list[list[str]]:
 
 
 def block_sparsities(model, cfg, calib: Tensor, progress) -> list[float]:
-    """One sparsity per block: uniform, or OWL from the dense model's Wanda-score outliers."""
+    """One sparsity per block: uniform, or allocated from one pass over the dense model (OWL's
+    Wanda-score outlier ratios, or each block's output error when pruned alone)."""
     n_blocks = len(arch.blocks(model))
-    if getattr(cfg, "allocation", "uniform") == "uniform":
+    allocation = getattr(cfg, "allocation", "uniform")
+    if allocation == "uniform":
         return [cfg.sparsity] * n_blocks
     from ..calib import walk_blocks
 
-    ratios = torch.zeros(n_blocks)
+    measure = _outlier_ratio if allocation == "owl" else _pruned_output_error
+    scores = torch.zeros(n_blocks)
 
     def fn(bctx):
         norms = collect_inputs(bctx, list(bctx.linears), _sum_squares)
-        scores = [masks.wanda_scores(arch.linear_weight(m).detach().float(), norms[n].sqrt()).flatten()
-                  for n, m in bctx.linears.items()]
-        ratios[bctx.index] = masks.outlier_ratio(torch.cat(scores), cfg.owl_m)
+        scores[bctx.index] = measure(bctx, norms, cfg)
 
-    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=progress and "OWL outliers", dtype=calib_dtype_of(cfg))
-    return masks.owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda).tolist()
+    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=progress and f"{allocation} allocation",
+                dtype=calib_dtype_of(cfg))
+    return masks.owl_sparsities(scores, cfg.sparsity, cfg.owl_lambda).tolist()
+
+
+def _outlier_ratio(bctx, norms: dict[str, Tensor], cfg) -> float:
+    scores = [masks.wanda_scores(arch.linear_weight(m).detach().float(), norms[n].sqrt()).flatten()
+              for n, m in bctx.linears.items()]
+    return masks.outlier_ratio(torch.cat(scores), cfg.owl_m)
+
+
+def _pruned_output_error(bctx, norms: dict[str, Tensor], cfg) -> float:
+    """``||f_pruned(x) - f(x)|| / ||f(x) - x||`` over the calibration inputs, the block's linears
+    Wanda-pruned at the target sparsity on a copy (the block itself is left dense)."""
+    dense = bctx.runner()
+    pruned = copy.deepcopy(dense)
+    for name, lin in arch.block_linears(pruned).items():
+        W = arch.linear_weight(lin).detach()
+        keep = masks.topk_mask(masks.wanda_scores(W.float(), norms[name].sqrt()), cfg.sparsity, "row")
+        arch.set_linear_weight(lin, W * keep)
+    with torch.no_grad():
+        return masks.relative_output_error([(x, bctx.forward(x, dense), bctx.forward(x, pruned)) for x in bctx.inputs])
 
 
 def _sum_squares(x: Tensor) -> Tensor:
