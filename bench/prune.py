@@ -3,7 +3,8 @@
 Unstructured and N:M (magnitude, Wanda, SparseGPT at 50% and 2:4), width pruning to 75% and 50% of
 the non-embedding parameters (heads + MLP, and heads + MLP + hidden channels), depth pruning of 6
 of 30 blocks with each importance measure, and llm-compressor's Wanda and SparseGPT at 50% and 2:4
-on the same calibration tokens, side by side. Every pruned model is saved (sparse layers as
+on the same calibration tokens, side by side; and Wanda at 60% with uniform, OWL and sensitivity
+allocation of the sparsity over the blocks. Every pruned model is saved (sparse layers as
 ``SparseLinear`` via ``formats.save_compressed``; structured ones with plain ``save_pretrained``),
 loaded back, and the loaded model is measured: perplexity at context 512, KL and top-1 agreement
 against the original, parameters, size on disk, batch-1 decode tokens/s, and the pruning wall time.
@@ -42,7 +43,11 @@ UNSTRUCTURED = [  # row name, method, options
     ("wanda-2:4", "wanda", {"pattern": "2:4"}),
     ("sparsegpt-2:4", "sparsegpt", {"pattern": "2:4"}),
     ("sparsegpt-0.5+w4g64", "sparsegpt", {"sparsity": 0.5, "bits": 4, "group_size": 64}),  # joint prune + quantize
+    ("wanda-0.6", "wanda", {"sparsity": 0.6}),  # per-block allocation: uniform vs OWL vs sensitivity
+    ("wanda-0.6-owl", "wanda", {"sparsity": 0.6, "allocation": "owl"}),
+    ("wanda-0.6-sensitivity", "wanda", {"sparsity": 0.6, "allocation": "sensitivity"}),
 ]
+ALLOCATION_ROWS = ("wanda-0.6", "wanda-0.6-owl", "wanda-0.6-sensitivity")
 WIDTH = [("width-0.75", {"target_params": 0.75}), ("width-0.5", {"target_params": 0.5}),
          ("width-0.75-hidden", {"target_params": 0.75, "hidden": True}), ("width-0.5-hidden", {"target_params": 0.5, "hidden": True})]
 DEPTH = [("depth-6-cosine", "cosine"), ("depth-6-activation", "activation"), ("depth-6-perplexity", "perplexity")]
@@ -317,7 +322,11 @@ its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% spa
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise).
 Machine: {environment()}.
 
-### Unstructured and 2:4 sparsity of all block linears (50%)
+### Unstructured and 2:4 sparsity of all block linears (50%; and 60% with each per-block allocation)
+
+The `wanda-0.6*` rows allocate the 60% mean sparsity per block: uniformly, by OWL's outlier ratios
+(lambda 0.08, M 5), or by sensitivity (each block Wanda-pruned alone, its output error relative to its own
+update; same lambda); the allocation pass is included in the pruning time.
 
 {md_table(head, t1)}
 
@@ -364,6 +373,10 @@ def targets(bench: Bench) -> str:
             ok_p, ok_t = a["ppl"] <= b["ppl"], a["prune_seconds"] <= b["prune_seconds"]
             lines.append(f"- {s}: perplexity {a['ppl']:.3f} vs llm-compressor {b['ppl']:.3f} ({'met' if ok_p else 'NOT met'}); "
                          f"time {a['prune_seconds']:.0f} s vs {b['prune_seconds']:.0f} s ({'met' if ok_t else 'NOT met'}).")
+    if all(n in r for n in ALLOCATION_ROWS):
+        u, o, se = (r[n]["ppl"] for n in ALLOCATION_ROWS)
+        lines.append(f"- Per-block allocation at 60% (informational, no target): perplexity uniform {u:.2f}, OWL {o:.2f}, "
+                     f"sensitivity {se:.2f}.")
     if "wanda-0.5" in r:
         s = r["wanda-0.5"]["prune_seconds"]
         n, L = bench.calib.shape
@@ -393,6 +406,7 @@ def main() -> None:
     if not args.skip_peers:
         bench.peers(("wanda-2:4", "sparsegpt-2:4"))
     bench.unstructured(("sparsegpt-0.5+w4g64",))
+    bench.unstructured(ALLOCATION_ROWS)
     body = report(bench)
     if not args.no_write:
         write_section("prune", body)
