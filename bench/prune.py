@@ -129,7 +129,8 @@ class Bench:
             out = save_compressed(model, self.tmp / name, recipe=[rc.to_dict(cfg)], tokenizer=self.tok, overwrite=True)
             del model
             self.record(name, self.measure(out, prune_seconds=seconds, sparsity=info["sparsity"],
-                                           min_layer_sparsity=min(info["sparsity_per_layer"].values())))
+                                           min_layer_sparsity=min(info["sparsity_per_layer"].values()),
+                                           layers_dampening_raised=len(info.get("dampening_raised", {}))))
 
     def width(self):
         from lmpress import recipe as rc

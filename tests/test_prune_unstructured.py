@@ -10,7 +10,7 @@ from tiny import tiny_model
 from lmpress import arch
 from lmpress.errors import InputError
 from lmpress.prune import masks, sparse
-from lmpress.prune.sparsegpt import inverse_hessian_factor, relative_error, sparsegpt_prune
+from lmpress.prune.sparsegpt import hessian_factor, relative_error, sparsegpt_prune
 from lmpress.recipe import RunContext, apply, make_config, to_dict
 
 IDS = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -87,7 +87,7 @@ def test_wanda_and_sparsegpt_layer_error_at_most_magnitude(pattern):
         mag = W * (masks.nm_mask(W.abs(), 2, 4) if pattern else masks.topk_mask(W.abs(), 0.5, "row"))
         sc = masks.wanda_scores(W, X.norm(dim=0))
         wanda = W * (masks.nm_mask(sc, 2, 4) if pattern else masks.topk_mask(sc, 0.5, "row"))
-        U, _ = inverse_hessian_factor(H, 0.01)
+        U, _, _ = hessian_factor(H, 0.01)
         sgpt, _ = sparsegpt_prune(W, U, 0.5, masks.parse_pattern(pattern), blocksize=32)
         errs.append((err(mag), err(wanda), err(sgpt), name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))))
     mag, wanda, sgpt, normed = torch.tensor(errs).T
@@ -120,7 +120,7 @@ def test_sparsegpt_sweep_kernel_matches_reference(pattern, bits):
         pytest.skip("no C++ compiler here: the reference sweep is all there is")
     g = torch.Generator().manual_seed(3)
     W, X = torch.randn(24, 64, generator=g), torch.randn(256, 64, generator=g)
-    U, _ = inverse_hessian_factor(X.T @ X, 0.01)
+    U, _, _ = hessian_factor(X.T @ X, 0.01)
     grid = None if bits is None else (GridSpec(bits, 32), *grid_params(W, GridSpec(bits, 32)))
     nm = masks.parse_pattern(pattern)
     fast, _ = sparsegpt_prune(W, U, 0.5, nm, blocksize=32, grid=grid)
@@ -134,7 +134,7 @@ def test_sparsegpt_joint_mode_puts_kept_weights_on_the_grid_and_packs():
     from lmpress.quant.qlinear import QuantLinear
 
     W, X = torch.randn(8, 32), torch.randn(256, 32)
-    U, _ = inverse_hessian_factor(X.T @ X, 0.01)
+    U, _, _ = hessian_factor(X.T @ X, 0.01)
     spec = GridSpec(4, 16)
     s, z = grid_params(W, spec)
     Q, _ = sparsegpt_prune(W, U, 0.5, blocksize=16, grid=(spec, s, z))
@@ -264,3 +264,18 @@ def test_save_load_sparse_gives_identical_logits(tmp_path, kind, method, kw):
     dense_bytes = sum(l.weight.numel() * 4 for l in arch.compressible_linears(dense).values())
     sparse_bytes = sum(b.numel() * b.element_size() for l in arch.compressible_linears(again).values() for n, b in l.named_buffers() if n != "bias")
     assert sparse_bytes < 0.6 * dense_bytes
+
+
+def test_hessian_factor_raises_dampening_until_positive_definite():
+    torch.manual_seed(0)
+    X = torch.randn(64, 16)
+    H = X.T @ X
+    H[3, 3] = -0.3 * H[3, 3]  # slightly indefinite, as a Hessian summed from bf16 products can be
+    U, dead, used = hessian_factor(H, 0.01)
+    assert used > 0.01 and not dead.any()
+    damped = H.double() + used * torch.diag(H).double().mean() * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close((U.double().T @ U.double()), torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
+    _, _, used_ok = hessian_factor(X.T @ X, 0.01)
+    assert used_ok == 0.01  # a positive definite Hessian keeps the configured dampening
+    with pytest.raises(InputError, match="SparseGPT.*singular"):
+        hessian_factor(-torch.eye(4), 0.01)

@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import arch
 from ..errors import InputError
 from . import masks
-from ..sweep import NONE, sweep_columns
+from ..sweep import NONE, inverse_hessian_factor, sweep_columns
 from .unstructured import (
     block_sparsities, calib_dtype_of, check_calib_dtype, check_sparsity_fields, collect_inputs, groups_of, require_calib,
     summary, zeros_and_numel,
@@ -79,18 +79,16 @@ class SparseGPTConfig:
             raise ValueError(f"dampening {self.dampening} must lie in (0, 1), e.g. 0.01")
 
 
-def inverse_hessian_factor(H: Tensor, dampening: float) -> tuple[Tensor, Tensor]:
-    """``(U, dead)``: upper Cholesky factor of ``(H + damp I)^-1`` and the inputs never active.
+def hessian_factor(H: Tensor, dampening: float) -> tuple[Tensor, Tensor, float]:
+    """``(U, dead, used)``: upper Cholesky factor of ``(H + damp I)^-1`` (float32, computed in float64),
+    the inputs never active, and the dampening used (raised tenfold while H is not positive definite).
     H: (in, in) -> U: (in, in), dead: bool (in,)
     """
     H = H.clone().double()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    idx = torch.arange(H.shape[0])
-    H[idx, idx] += dampening * torch.mean(torch.diag(H))
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+    U, used = inverse_hessian_factor(H, dampening, "SparseGPT")
+    return U.float(), dead, used
 
 
 def _block_mask(W1: Tensor, d: Tensor, k: int) -> Tensor:
@@ -171,7 +169,7 @@ def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
     calib = require_calib(ctx, "sparsegpt")
     targets = block_sparsities(model, cfg, calib, ctx.progress)
     nm = masks.parse_pattern(cfg.pattern)
-    measured, errors = {}, {}
+    measured, errors, raised = {}, {}, {}
 
     def fn(bctx):
         for group in groups_of(bctx, cfg.sequential):
@@ -180,14 +178,16 @@ def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
             for name in group:
                 H = Hs[name]
                 if id(H) not in factors:
-                    factors[id(H)] = inverse_hessian_factor(H, cfg.dampening)
-                U, dead = factors[id(H)]
+                    factors[id(H)] = hessian_factor(H, cfg.dampening)
+                U, dead, used = factors[id(H)]
                 lin = bctx.linears[name]
                 W = arch.linear_weight(lin).detach().float().clone()
                 W[:, dead] = 0
                 grid = _joint_grid(W, cfg)
                 W_new, _ = sparsegpt_prune(W, U, targets[bctx.index], nm, cfg.blocksize, grid)
                 full = f"{bctx.name}.{name}"
+                if used > cfg.dampening:
+                    raised[full] = used
                 errors[full] = relative_error(W, W_new, H)
                 arch.set_linear_weight(lin, W_new.to(lin.weight.dtype))
                 measured[full] = zeros_and_numel(arch.linear_weight(lin))
@@ -196,7 +196,10 @@ def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
 
     walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "sparsegpt",
                 dtype=calib_dtype_of(cfg))
-    return {**summary(measured, targets if cfg.allocation != "uniform" else None), "relative_error_per_layer": errors}
+    out = {**summary(measured, targets if cfg.allocation != "uniform" else None), "relative_error_per_layer": errors}
+    if raised:  # the Hessian was not positive definite at the configured dampening: say so
+        out["dampening_raised"] = raised
+    return out
 
 
 def _joint_grid(W: Tensor, cfg: SparseGPTConfig):

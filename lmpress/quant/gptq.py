@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import arch
 from ..calib import CALIB_DTYPES, check_calib_dtype
 from ..errors import InputError
-from ..sweep import NONE, sweep_columns
+from ..sweep import NONE, inverse_hessian_factor, sweep_columns
 from .config import QuantConfig
 from .grid import GridSpec, choose_params, dequantize
 from .qlinear import quantize_head_, replace_linear
@@ -69,20 +69,6 @@ class GPTQConfig(QuantConfig):
 
 
 
-def _inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of H^-1 after dampening; dampening grows until H is positive definite."""
-    mean_diag = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for attempt in range(8):
-        L, info = torch.linalg.cholesky_ex(H + damp * 10**attempt * mean_diag * eye)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                return U
-    raise InputError("GPTQ: the Hessian stays singular even with strong dampening; use more calibration data")
-
-
 def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, clip_search: bool = False,
                   kernel: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,7 +104,7 @@ def _gptq(W, H, spec, damp, block_size, act_order, clip_search, kernel):
         s_all, z_all = torch.empty(out_f, cols // gs), torch.empty(out_f, cols // gs)
     W, H = W[:, perm], H[perm][:, perm]
     group_of = perm // gs  # group of each (permuted) column
-    U = _inverse_hessian_factor(H, damp)
+    U, _ = inverse_hessian_factor(H, damp)
     Q = torch.empty_like(W)
     maxq = float(spec.maxq)
     if not static:  # groups are contiguous: a block holds whole groups
