@@ -1,8 +1,10 @@
-"""Distillation benchmark on the default model and corpus (CPU budget: about 30 minutes on 2 cores).
+"""Distillation benchmark on the default model and corpus (CPU budget: about 25 + 35 minutes on 2 cores).
 
 (a) prune-then-distill: width-prune SmolLM2-135M to 75% of its non-embedding parameters, then train
-    the pruned model on the same corpus tokens twice: distillation from the original model (forward
-    KL) versus plain next-token cross-entropy fine-tuning. Perplexity before/after, KL to the teacher.
+    copies of the pruned model on the same corpus tokens: distillation from the original model
+    (forward KL), distillation plus next-token cross-entropy, and plain cross-entropy fine-tuning,
+    each at every learning rate of --lr-a (so that no method is judged at a rate that suits only
+    the other). Perplexity before/after, KL to the teacher.
 (b) W2 g64: post-training RTN (min-max, and with a weight-MSE clipping search) and GPTQ, then
     quantization-aware distillation started from the GPTQ model (FakeQuantLinear on GPTQ's weights,
     straight-through estimator, learnable clipping, CAKLD with the float model as teacher).
@@ -130,7 +132,15 @@ def train(student, teacher, windows, args, bf16=True, **cfg_fields) -> dict:
     return res
 
 
+A_LOSSES = {  # part (a) run name -> (label, DistillConfig fields)
+    "kd": ("distillation (forward KL)", {"loss": "fkl"}),
+    "kdce": ("distillation (forward KL) + cross-entropy", {"loss": "fkl"}),  # ce_weight from --ce-weight-a
+    "ce": ("cross-entropy fine-tuning (no teacher)", {"loss": "ce"}),
+}
+
+
 def part_a(teacher, tok, stream, windows, args, out: dict) -> None:
+    """Width-prune, then train copies of the pruned model with each loss at each learning rate."""
     bos = tok.bos_token_id
     student, how, _ = make_pruned(teacher, tok)
     out["prune_how"] = how
@@ -140,12 +150,19 @@ def part_a(teacher, tok, stream, windows, args, out: dict) -> None:
     steps = 3 * args.batch_size * args.seq_len  # bf16 autocast vs fp32 throughput, same run, 3 steps each
     for bf16 in (False, True):
         out[f"tps_bf16_{bf16}"] = train(copy.deepcopy(student), teacher, windows, args, bf16=bf16, loss="fkl",
-                                        tokens=steps, lr=args.lr_a)["tokens_per_s"]
-    for name, loss in (("kd", "fkl"), ("ce", "ce")):
-        s = copy.deepcopy(student)
-        out[f"a_{name}_train"] = train(s, teacher, windows, args, loss=loss, tokens=args.tokens_a, lr=args.lr_a)
-        out[f"a_{name}"] = evaluate(s, teacher, stream, bos)
-        print(name, out[f"a_{name}"], out[f"a_{name}_train"]["tokens_per_s"], flush=True)
+                                        tokens=steps, lr=args.lr_a[0])["tokens_per_s"]
+    for k in [k for k in out if k.startswith("a_")]:  # results of an earlier part (a) in the --json file
+        del out[k]
+    out["a_runs"] = []
+    for lr in args.lr_a:
+        for name in args.a_losses:
+            kw = dict(A_LOSSES[name][1], **({"ce_weight": args.ce_weight_a} if name == "kdce" else {}))
+            s = copy.deepcopy(student)
+            res = train(s, teacher, windows, args, tokens=args.tokens_a, lr=lr, **kw)
+            run = {"name": name, "lr": lr, "ce_weight": kw.get("ce_weight", 0.0), "train": res,
+                   "eval": evaluate(s, teacher, stream, bos)}
+            out["a_runs"].append(run)
+            print(name, lr, run["eval"], res["tokens_per_s"], flush=True)
 
 
 def part_b(teacher, tok, stream, windows, args, out: dict) -> None:
@@ -188,14 +205,14 @@ def f(x, nd=2):
 def report(r: dict, args) -> str:
     """The section: part (a) and part (b) as far as ``r`` holds them (``--only`` runs are merged
     through ``--json``)."""
-    parts = [_report_a(r, args) if "a_kd" in r else "(a) not run yet: `python bench/distill.py --only a --json FILE`.",
+    parts = [_report_a(r, args) if "a_runs" in r else "(a) not run yet: `python bench/distill.py --only a --json FILE`.",
              _report_b(r, args) if "b_qat" in r else "(b) not run yet: `python bench/distill.py --only b --json FILE`."]
     runs = "; ".join(f"part {k}: `{v['command']}`, {v['minutes']:.0f} min, 1-minute load average {v['load'][0]:.1f} at the start "
                      f"and {v['load'][1]:.1f} at the end" for k, v in sorted(r.get("runs", {}).items()))
     return f"""## Distillation: prune-then-distill and 2-bit quantization-aware distillation
 
 Runs ({runs}). A load above 2 means other jobs shared the 2 cores and the tokens/s figures are low.
-CPU budget: about 30 minutes for both parts. Model: SmolLM2-135M-Instruct (built-in, fp32).
+CPU budget: about 25 minutes for part (a) (two learning rates) and 35 for part (b). Model: SmolLM2-135M-Instruct (built-in, fp32).
 Data: built-in Wikipedia corpus; training windows of {args.seq_len} tokens from the calibration documents
 (seed 0, {r['train_rows']} windows), batch {args.batch_size} windows per step, AdamW, warmup 5%
 then cosine, gradient clipping 1.0, bf16 autocast for the forward passes (fp32 weights); perplexity and KL
@@ -208,29 +225,53 @@ to the original model on the evaluation documents (context 512, 4,088 scored tok
 
 
 def _report_a(r, args) -> str:
-    t, p, kd, ce = r["teacher"], r["pruned"], r["a_kd"], r["a_ce"]
+    t, p, runs = r["teacher"], r["pruned"], r["a_runs"]
     gap = p["ppl"] - t["ppl"]
     rec = lambda x: 100 * (p["ppl"] - x["ppl"]) / gap  # noqa: E731
-    ak, ac = r["a_kd_train"], r["a_ce_train"]
-    rows_a = [
-        ["original (teacher)", f"{r['params_teacher'] / 1e6:.1f}M", f(t["ppl"]), "0", "-", "-", "-"],
-        ["width-pruned to 75%", f"{r['params_student'] / 1e6:.1f}M", f(p["ppl"]), f(p["kl"], 3), "0", "-", "-"],
-        ["pruned + distillation (forward KL)", "same", f(kd["ppl"]), f(kd["kl"], 3), f"{ak['tokens']:,}",
-         f"{rec(kd):.0f}%", f"{ak['tokens_per_s']:.0f}"],
-        ["pruned + cross-entropy fine-tuning", "same", f(ce["ppl"]), f(ce["kl"], 3), f"{ac['tokens']:,}",
-         f"{rec(ce):.0f}%", f"{ac['tokens_per_s']:.0f}"],
-    ]
+    rows = [["original (teacher)", "-", f(t["ppl"]), "0", "-", "-", "-"],
+            ["width-pruned to 75%", "-", f(p["ppl"]), f(p["kl"], 3), "0", "-", "-"]]
+    for x in runs:
+        label = A_LOSSES[x["name"]][0].replace("cross-entropy", f"{x['ce_weight']:g} x cross-entropy", 1) \
+            if x["name"] == "kdce" else A_LOSSES[x["name"]][0]
+        rows.append([f"pruned + {label}", f"{x['lr']:g}", f(x["eval"]["ppl"]), f(x["eval"]["kl"], 3),
+                     f"{x['train']['tokens']:,}", f"{rec(x['eval']):.0f}%", f"{x['train']['tokens_per_s']:.0f}"])
+    best = {}
+    for x in runs:
+        if x["name"] not in best or x["eval"]["ppl"] < best[x["name"]]["eval"]["ppl"]:
+            best[x["name"]] = x
+    tps = {n: sum(x["train"]["tokens_per_s"] for x in runs if x["name"] == n) / sum(x["name"] == n for x in runs)
+           for n in best}
     return f"""(a) Student: {r['prune_how']}; non-embedding parameters {r['params_student'] / 1e6:.1f}M of
-{r['params_teacher'] / 1e6:.1f}M ({100 * r['params_student'] / r['params_teacher']:.1f}%). Both runs use
-learning rate {args.lr_a:g} and the same {ak['tokens']:,} training tokens ({ak['epochs']:.2f} epochs of the windows).
-"Gap recovered" is (ppl_pruned - ppl_after) / (ppl_pruned - ppl_teacher).
+{r['params_teacher'] / 1e6:.1f}M ({100 * r['params_student'] / r['params_teacher']:.1f}%). Every run starts from the same
+pruned model and trains on the same {runs[0]['train']['tokens']:,} tokens ({runs[0]['train']['epochs']:.2f} epochs of the windows),
+in the same order; each loss at each learning rate in the table. "Gap recovered" is
+(ppl_pruned - ppl_after) / (ppl_pruned - ppl_teacher).
 
-{md_table(["model", "non-emb. params", "perplexity", "KL to teacher", "train tokens", "gap recovered", "train tokens/s"], rows_a)}
+{md_table(["model", "learning rate", "perplexity", "KL to teacher", "train tokens", "gap recovered", "train tokens/s"], rows)}
 
-Training throughput, teacher forward included: distillation {ak['tokens_per_s']:.0f} tokens/s, cross-entropy
-fine-tuning (no teacher) {ac['tokens_per_s']:.0f}. bfloat16 autocast versus float32 for the pruned student's
+{_verdict_a(best, rec)}
+
+Training throughput, teacher forward included (mean over the runs): {', '.join(f'{n} {v:.0f}' for n, v in tps.items())}
+tokens/s (cross-entropy fine-tuning runs no teacher). bfloat16 autocast versus float32 for the pruned student's
 distillation step (3 steps each, same run): {r['tps_bf16_True']:.0f} versus {r['tps_bf16_False']:.0f} tokens/s
 ({r['tps_bf16_True'] / r['tps_bf16_False']:.2f}x)."""
+
+
+def _verdict_a(best: dict, rec) -> str:
+    """The issue's two figures for (a), each method at its best learning rate."""
+    if "ce" not in best or not {"kd", "kdce"} & set(best):
+        return "Figures: need a cross-entropy run and a distillation run."
+    ce = best["ce"]["eval"]
+    lines = []
+    for n in ("kd", "kdce"):
+        if n in best:
+            x = best[n]["eval"]
+            beats = x["ppl"] < ce["ppl"]
+            lines.append(f"- {A_LOSSES[n][0]} at its best learning rate ({best[n]['lr']:g}): recovers {rec(x):.0f}% of the gap "
+                         f"(at least half: {'met' if rec(x) >= 50 else 'NOT met'}); perplexity {x['ppl']:.2f} vs cross-entropy's "
+                         f"best {ce['ppl']:.2f} (lr {best['ce']['lr']:g}): {'beats it' if beats else 'does NOT beat it'}; "
+                         f"KL to the teacher {x['kl']:.3f} vs {ce['kl']:.3f}.")
+    return "Figures, each method at its best learning rate of the table:\n\n" + "\n".join(lines)
 
 
 def _report_b(r, args) -> str:
@@ -260,7 +301,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens-a", type=int, default=49_152)
     ap.add_argument("--tokens-b", type=int, default=49_152)
-    ap.add_argument("--lr-a", type=float, default=2e-4)
+    ap.add_argument("--lr-a", type=float, nargs="+", default=[2e-4, 5e-4], help="(a) learning rates, every loss at each")
+    ap.add_argument("--a-losses", nargs="+", choices=list(A_LOSSES), default=list(A_LOSSES))
+    ap.add_argument("--ce-weight-a", type=float, default=1.0, help="(a) weight of cross-entropy in the kdce runs")
     ap.add_argument("--lr-b", type=float, default=1e-3)
     ap.add_argument("--clip-lr-b", type=float, default=5e-3)
     ap.add_argument("--loss-b", default="cakld")
