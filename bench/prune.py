@@ -317,7 +317,7 @@ prompt, 32 new tokens, best of 3 (unstructured table); for the structured table 
 model were re-measured in a final interleaved pass (3 rounds x best of 2, best kept), so that load from other
 processes on the shared 2-core machine hits all of them alike. Pruning wall time: the method call
 only (model loading excluded), for llm-compressor its `oneshot` call. lmpress's Wanda and SparseGPT run with
-their defaults (calibration passes in bfloat16; SparseGPT true-sequential within a block); llm-compressor with
+their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; SparseGPT true-sequential within a block); llm-compressor with
 its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
 4-bit asymmetric g64 grid in the same sweep, stored as a packed 4-bit layer (zeros included). Width rows share one importance pass
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise).

@@ -60,7 +60,7 @@ class SparseGPTConfig:
     owl_m: float = 5.0
     sequential: bool = True  # groups of linears in a block see the pruned groups before them
     batch_size: int = 8
-    calib_dtype: str = "bfloat16"  # dtype of the calibration passes and Hessian products ("float32": full)
+    calib_dtype: str = "bfloat16"  # dtype of the block forwards in the calibration passes ("float32": full)
     bits: int | None = None  # joint mode: also quantize the kept weights to this many bits
     group_size: int = 64  # joint mode: columns per scale / zero (-1: per output channel)
     sym: bool = False  # joint mode: symmetric grid
@@ -157,9 +157,11 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 
 
 def _hessian(x: Tensor) -> Tensor:
+    """``x^T x`` (in, in) with a float32 product, also for bf16 calibration inputs: SparseGPT's masks
+    follow the inverse Hessian closely, and a product rounded to bf16 is often not positive definite."""
     from ..quant.gptq import gram
 
-    return gram(x)  # (in, in) float32, the product in x's dtype
+    return gram(x.float())
 
 
 def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
