@@ -100,6 +100,7 @@ class Bench:
                 "prefill_tps": sp.prefill_tps, **extra}
 
     def record(self, name, res):
+        res["commit"] = _commit()  # rows cached from earlier invocations say which code measured them
         self.rows[name] = res
         self.save()
         if not self.args.no_write:  # the section is rewritten after every row: a long run reports as it goes
@@ -238,6 +239,23 @@ class Bench:
         print("interleaved decode tok/s: " + ", ".join(f"{n} {v:.1f}" for n, v in best.items()), file=sys.stderr)
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() or "none"
+
+
+def _provenance(rows: dict) -> str:
+    """A sentence naming the commit of each group of rows, when the table mixes invocations."""
+    by = {}
+    for name, x in rows.items():
+        by.setdefault(x.get("commit", "unrecorded"), []).append(name)
+    if len(by) < 2:
+        return ""
+    parts = [f"commit {c}: {', '.join(ns)}" for c, ns in by.items()]
+    return ("Rows come from more than one invocation of the command (finished rows are cached; a row is re-measured "
+            "by deleting it from the cache and running with --only): " + "; ".join(parts) + ".")
+
+
 def _find_folder(name: str) -> Path:
     """A row's saved model from a run before folders were recorded (temporary folders)."""
     found = sorted(Path("/tmp").glob(f"lmpress-bench-prune-*/{name}"), key=lambda p: p.stat().st_mtime)
@@ -321,7 +339,7 @@ their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products i
 its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
 4-bit asymmetric g64 grid in the same sweep, stored as a packed 4-bit layer (zeros included). Width rows share one importance pass
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise).
-Machine: {environment()}.
+Machine: {environment()}. {_provenance(r)}
 
 ### Unstructured and 2:4 sparsity of all block linears (50%; and 60% with each per-block allocation)
 
@@ -368,6 +386,11 @@ def targets(bench: Bench) -> str:
                 ok = ratio >= 1.2 and x["plain_transformers"]
                 lines.append(f"- {name}: loads in plain transformers: {'yes' if x['plain_transformers'] else 'no'}; decode "
                              f"{ratio:.2f}x the original (>= 1.2x: {'met' if ok else 'NOT met'}).")
+    a, b = r.get("width-0.75", {}).get("shape"), r.get("width-0.75-hidden", {}).get("shape")
+    if a and a == b:
+        lines.append("- The -hidden rows may also cut hidden channels, but the shape search (lowest calibration loss) kept all "
+                     "of them, so they are the same models as the rows above: the gap between their decode ratios is "
+                     "the measurement's noise.")
     for s in PEERS:
         if s in r and f"llmc-{s}" in r:
             a, b = r[s], r[f"llmc-{s}"]
