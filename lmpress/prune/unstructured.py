@@ -34,14 +34,14 @@ from torch import Tensor
 
 from .. import arch
 from ..errors import InputError
-from ..calib import check_calib_dtype
+from ..calib import CALIB_DTYPES, check_calib_dtype
 from . import masks
 
 ALLOCATIONS = ("uniform", "owl", "sensitivity")
+
+
 def calib_dtype_of(cfg) -> torch.dtype:
     """The dtype of the calibration passes (block forwards run on a copy of the block in it)."""
-    from ..calib import CALIB_DTYPES
-
     return CALIB_DTYPES[getattr(cfg, "calib_dtype", "float32")]
 
 
