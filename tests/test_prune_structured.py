@@ -75,7 +75,7 @@ def _expected_llama_params(L, D, H, G, hd, I, norms_per_block=2):
     return L * (D * H * hd + 2 * D * G * hd + H * hd * D + 3 * D * I + norms_per_block * D) + D
 
 
-@pytest.mark.parametrize("target,hidden", [(0.75, False), (0.5, False), (0.6, True)])
+@pytest.mark.parametrize("target,hidden", [(0.75, False), (0.5, False), (0.6, True), (0.75, 0.75)])
 def test_width_pruned_param_count_matches_formula(target, hidden):
     model = tiny_model("llama")
     before = st.non_embedding_params(model)
@@ -86,6 +86,8 @@ def test_width_pruned_param_count_matches_formula(target, hidden):
     assert st.non_embedding_params(model) == expect == info["params_after"]
     assert expect <= target * before
     assert c.intermediate_size % 8 == 0 and c.num_attention_heads == 2 * c.num_key_value_heads
+    if hidden is not True and hidden is not False:  # a fraction: exactly that share of hidden channels is kept
+        assert c.hidden_size == 48
     total = param_counts(model).total
     assert total == sum(p.numel() for p in model.parameters())
     assert model.model.embed_tokens.weight.shape == (256, c.hidden_size) and model.lm_head.weight is model.model.embed_tokens.weight
@@ -156,6 +158,8 @@ def test_depth_zero_blocks_and_target_params():
     ("prune-width", {"target_params": 1.5}, "target_params"),
     ("prune-width", {"importance": "cosine"}, "importance"),
     ("prune-width", {"heads": False, "mlp": False}, "nothing to prune"),
+    ("prune-width", {"hidden": 1.5}, "fraction of hidden channels"),
+    ("prune-width", {"hidden": "yes"}, "fraction of hidden channels"),
     ("prune-depth", {}, "exactly one"),
     ("prune-depth", {"drop_layers": 2, "target_params": 0.5}, "exactly one"),
     ("prune-depth", {"drop_layers": -1}, "non-negative"),

@@ -63,7 +63,7 @@ class WidthPruneConfig:
     importance: str = "activation"  # "activation" (Minitron) or "contribution" (activation x outgoing weight norm)
     heads: bool = True  # may remove attention heads (whole key/value groups)
     mlp: bool = True  # may remove MLP channels
-    hidden: bool = False  # may remove hidden (embedding) channels
+    hidden: bool | float = False  # True: may remove hidden (embedding) channels; a fraction: keep exactly that share
     search_samples: int = 4  # calibration rows that pick the split of the cut between heads / MLP / hidden
     channel_multiple: int = 8  # MLP and hidden sizes stay multiples of this
     batch_size: int = 8
@@ -75,6 +75,8 @@ class WidthPruneConfig:
             raise ValueError(f"importance {self.importance!r} for width pruning must be 'activation' or 'contribution'")
         if not (self.heads or self.mlp or self.hidden):
             raise ValueError("nothing to prune: enable at least one of heads, mlp, hidden")
+        if not isinstance(self.hidden, bool) and not (isinstance(self.hidden, (int, float)) and 0 < self.hidden <= 1):
+            raise ValueError(f"hidden {self.hidden!r} must be true / false or the fraction of hidden channels kept, in (0, 1]")
         if self.search_samples < 1 or self.channel_multiple < 1:
             raise ValueError("search_samples and channel_multiple must be >= 1")
 
@@ -345,7 +347,8 @@ def candidate_shapes(model: nn.Module, cfg: WidthPruneConfig) -> list[WidthShape
     group_opts = range(g["groups"], 0, -1) if cfg.heads else [g["groups"]]
     hidden_opts = [g["hidden"]]
     if cfg.hidden:
-        hidden_opts = sorted({max(mult, round(g["hidden"] * f / mult) * mult) for f in HIDDEN_STEPS}, reverse=True)
+        steps = HIDDEN_STEPS if cfg.hidden is True else (cfg.hidden,)
+        hidden_opts = sorted({max(mult, round(g["hidden"] * f / mult) * mult) for f in steps}, reverse=True)
     out = []
     for d in hidden_opts:
         for k in group_opts:
