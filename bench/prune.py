@@ -297,6 +297,13 @@ def _speedup(row, base) -> float:
     return row.get("speedup_median", _dec(row) / _dec(base))
 
 
+def _speedup_cell(row, base) -> str:
+    """The speed-up, with the range of the per-round ratios when the interleaved pass ran."""
+    rounds = row.get("speedup_rounds")
+    spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
+    return f"{_speedup(row, base):.2f}x{spread}"
+
+
 def _mb(b):
     return f"{b / 1e6:.0f}"
 
@@ -331,7 +338,7 @@ def report(bench: Bench) -> str:
                 if "shape" in x else f"blocks {x['dropped']}")
         t2.append([name, f"{x['ppl']:.2f}", f"{x['ppl'] - base['ppl']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
                    f"{x['params'] / 1e6:.1f}M", f"{x['params_non_embedding'] / 1e6:.1f}M", what, _mb(x["disk_bytes"]),
-                   f"{_dec(x):.1f}", f"{_speedup(x, base):.2f}x", f"{x['prune_seconds']:.0f}",
+                   f"{_dec(x):.1f}", _speedup_cell(x, base), f"{x['prune_seconds']:.0f}",
                    "yes" if x["plain_transformers"] else "NO"])
     n, L = bench.calib.shape
     return f"""## Pruning: magnitude, Wanda, SparseGPT, width and depth (default model, default corpus)
@@ -346,7 +353,8 @@ same way for the size column); their decode runs densified, so it is not faster.
 prompt, 32 new tokens, best of 3 (unstructured table); for the structured table the original and every structured
 model were re-measured in a final interleaved pass (5 rounds, best of 2 decodes per model per round): the tok/s
 column is each model's best round, "vs original" the median over rounds of its tok/s over the original's in the
-same round, so that load from other processes on the shared 2-core machine hits all of them alike. Pruning wall time: the method call
+same round (in brackets: the lowest and highest round), so that load from other processes on the shared 2-core
+machine hits all of them alike; same-size models differing by a few percent are within the noise. Pruning wall time: the method call
 only (model loading excluded), for llm-compressor its `oneshot` call. lmpress's Wanda and SparseGPT run with
 their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; SparseGPT true-sequential within a block); llm-compressor with
 its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
@@ -400,7 +408,7 @@ def targets(bench: Bench) -> str:
                 ratio = _speedup(x, r["original"])
                 ok = ratio >= 1.2 and x["plain_transformers"]
                 lines.append(f"- {name}: loads in plain transformers: {'yes' if x['plain_transformers'] else 'no'}; decode "
-                             f"{ratio:.2f}x the original (median of the interleaved rounds; >= 1.2x: {'met' if ok else 'NOT met'}).")
+                             f"{_speedup_cell(x, r['original'])} the original (median of the interleaved rounds; >= 1.2x: {'met' if ok else 'NOT met'}).")
     for s in PEERS:
         if s in r and f"llmc-{s}" in r:
             a, b = r[s], r[f"llmc-{s}"]
