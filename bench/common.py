@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
+def commit() -> str:
+    """The short hash of the checked-out commit ("none" outside a git checkout)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() or "none"
+
+
 def environment() -> str:
     import torch
     import transformers
@@ -22,8 +28,7 @@ def environment() -> str:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return (f"{datetime.date.today().isoformat()}, commit {commit or 'none'}, {cpu}, {os.cpu_count()} cores, "
+    return (f"{datetime.date.today().isoformat()}, commit {commit()}, {cpu}, {os.cpu_count()} cores, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
 
 

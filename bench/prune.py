@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, md_table, write_section  # noqa: E402
+from common import commit, environment, md_table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMC_PY = Path("/work/peers/llmc/bin/python")
@@ -38,6 +38,7 @@ LLMC_PY = Path("/work/peers/llmc/bin/python")
 UNSTRUCTURED = [  # row name, method, options
     ("magnitude-0.5", "magnitude", {"sparsity": 0.5}),
     ("wanda-0.5", "wanda", {"sparsity": 0.5}),
+    ("wanda-0.5-fp32", "wanda", {"sparsity": 0.5, "calib_dtype": "float32"}),  # full-precision calibration forwards
     ("sparsegpt-0.5", "sparsegpt", {"sparsity": 0.5}),
     ("magnitude-2:4", "magnitude", {"pattern": "2:4"}),
     ("wanda-2:4", "wanda", {"pattern": "2:4"}),
@@ -100,7 +101,7 @@ class Bench:
                 "prefill_tps": sp.prefill_tps, **extra}
 
     def record(self, name, res):
-        res["commit"] = _commit()  # rows cached from earlier invocations say which code measured them
+        res["commit"] = commit()  # rows cached from earlier invocations say which code measured them
         self.rows[name] = res
         self.save()
         if not self.args.no_write:  # the section is rewritten after every row: a long run reports as it goes
@@ -235,19 +236,13 @@ class Bench:
             for n, m in models.items():
                 tps[n].append(speed(m, repeats=2).decode_tps)
         for n in names:
-            self.rows[n]["decode_tps_interleaved"] = max(tps[n])
-            self.rows[n]["speedup_median"] = statistics.median(a / b for a, b in zip(tps[n], tps["original"]))
-            self.rows[n]["speedup_rounds"] = [a / b for a, b in zip(tps[n], tps["original"])]
+            ratios = [a / b for a, b in zip(tps[n], tps["original"])]
+            self.rows[n].update(decode_tps_interleaved=max(tps[n]), speedup_rounds=ratios, speedup_median=statistics.median(ratios))
         self.save()
         if not self.args.no_write:
             write_section("prune", report(self))
         print("interleaved decode tok/s (best) and median speed-up: "
               + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n]['speedup_median']:.3f}x" for n in names), file=sys.stderr)
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or "none"
 
 
 def _provenance(rows: dict) -> str:
@@ -356,7 +351,7 @@ column is each model's best round, "vs original" the median over rounds of its t
 same round (in brackets: the lowest and highest round), so that load from other processes on the shared 2-core
 machine hits all of them alike; same-size models differing by a few percent are within the noise. Pruning wall time: the method call
 only (model loading excluded), for llm-compressor its `oneshot` call. lmpress's Wanda and SparseGPT run with
-their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; SparseGPT true-sequential within a block); llm-compressor with
+their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; SparseGPT true-sequential within a block; `wanda-0.5-fp32` is Wanda with float32 forwards); llm-compressor with
 its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
 4-bit asymmetric g64 grid in the same sweep, stored as a packed 4-bit layer (zeros included). Width rows share one importance pass
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise). The
@@ -438,7 +433,7 @@ def main() -> None:
     torch.set_num_threads(2)
     bench = Bench(args)
     bench.original()
-    bench.unstructured(("magnitude-0.5", "wanda-0.5", "sparsegpt-0.5"))
+    bench.unstructured(("magnitude-0.5", "wanda-0.5", "wanda-0.5-fp32", "sparsegpt-0.5"))
     if not args.skip_peers:
         bench.peers(("wanda-0.5", "sparsegpt-0.5"))
     bench.width()
