@@ -65,13 +65,16 @@ class Bench:
         self.context = 512
         self.model_dir = resolve_model_path(None)
         self.base, self.tok = load_model()
-        self.data = DataConfig(calib_samples=args.calib_samples)
+        self.seed = args.calib_seed
+        self.data = DataConfig(calib_samples=args.calib_samples, seed=self.seed)
         self.calib, self.stream = prepare(self.tok, self.data)
         self.cache_file = Path(args.cache)
-        self.tmp = self.cache_file.parent / "models"  # saved models, kept for the speed pass
+        # saved models, kept for the speed pass
+        self.tmp = self.cache_file.parent / ("models" if self.seed == 0 else f"models-seed{self.seed}")
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.cache = {} if args.fresh or not self.cache_file.exists() else json.loads(self.cache_file.read_text())
-        self.key = f"calib{tuple(self.calib.shape)}"
+        self.base_key = f"calib{tuple(self.calib.shape)}"  # the main tables: calibration draw (seed) 0
+        self.key = self.base_key + (f" seed={self.seed}" if self.seed else "")
         self.rows = self.cache.setdefault(self.key, {})
         self.shared: dict = {}
 
@@ -83,7 +86,7 @@ class Bench:
         return (not self.args.only or name in self.args.only) and name not in self.rows
 
     # ---- measuring a saved model -------------------------------------------------------------
-    def measure(self, folder: Path, **extra) -> dict:
+    def measure(self, folder: Path, decode: bool = True, **extra) -> dict:
         from lmpress import load_model
         from lmpress.evaluate import compare, perplexity, speed
         from lmpress.io import folder_bytes
@@ -93,12 +96,12 @@ class Bench:
         bos = self.tok.bos_token_id
         ppl = perplexity(model, self.stream, context=self.context, bos=bos)
         agr = compare(model, self.base, self.stream, context=self.context, bos=bos)
-        sp = speed(model, repeats=3)
+        sp = speed(model, repeats=3) if decode else None  # other calibration draws: quality and time only
         counts = param_counts(model)
         nonzero = sum(int((p != 0).sum()) for p in _weights(model))
         return {"folder": str(folder), "loadavg_1min": __import__("os").getloadavg()[0], "ppl": ppl.ppl, "kl": agr.kl, "top1": agr.top1, "params": counts.total, "nonzero_params": nonzero,
-                "params_embedding": counts.embedding, "disk_bytes": folder_bytes(folder), "decode_tps": sp.decode_tps,
-                "prefill_tps": sp.prefill_tps, **extra}
+                "params_embedding": counts.embedding, "disk_bytes": folder_bytes(folder), "decode_tps": sp and sp.decode_tps,
+                "prefill_tps": sp and sp.prefill_tps, **extra}
 
     def record(self, name, res):
         res["commit"] = commit()  # rows cached from earlier invocations say which code measured them
@@ -106,7 +109,7 @@ class Bench:
         self.save()
         if not self.args.no_write:  # the section is rewritten after every row: a long run reports as it goes
             write_section("prune", report(self))
-        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items() if k != "info"),
+        print(f"{name} (calibration draw {self.seed}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items() if k != "info"),
               file=sys.stderr, flush=True)
 
     # ---- rows ------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Bench:
             sparsify_(model, pattern=cfg.pattern)
             out = save_compressed(model, self.tmp / name, recipe=[rc.to_dict(cfg)], tokenizer=self.tok, overwrite=True)
             del model
-            self.record(name, self.measure(out, prune_seconds=seconds, sparsity=info["sparsity"],
+            self.record(name, self.measure(out, decode=self.seed == 0, prune_seconds=seconds, sparsity=info["sparsity"],
                                            min_layer_sparsity=min(info["sparsity_per_layer"].values()),
                                            layers_dampening_raised=len(info.get("dampening_raised", {}))))
 
@@ -214,7 +217,7 @@ class Bench:
             out = save_compressed(model, self.tmp / name, recipe=[{"method": "llm-compressor", "scheme": scheme}], tokenizer=self.tok,
                                   overwrite=True)
             del model
-            self.record(name, self.measure(out, prune_seconds=peer["oneshot_seconds"], sparsity=sparsity))
+            self.record(name, self.measure(out, decode=self.seed == 0, prune_seconds=peer["oneshot_seconds"], sparsity=sparsity))
 
 
     def speed_pass(self, rounds: int = 5):
@@ -303,8 +306,56 @@ def _mb(b):
     return f"{b / 1e6:.0f}"
 
 
+def draws(bench: Bench) -> dict[int, dict]:
+    """``{seed: rows}`` for every calibration draw in the cache at this calibration size (0 = the main tables)."""
+    out = {}
+    for key, rows in bench.cache.items():
+        if key == bench.base_key:
+            out[0] = rows
+        elif key.startswith(bench.base_key + " seed="):
+            out[int(key.split("seed=")[1])] = rows
+    return dict(sorted(out.items()))
+
+
+def peer_draws(bench: Bench, scheme: str) -> list[tuple[int, dict, dict]]:
+    """(seed, lmpress row, llm-compressor row) for each draw where both were measured."""
+    return [(seed, rows[scheme], rows[f"llmc-{scheme}"]) for seed, rows in draws(bench).items()
+            if scheme in rows and f"llmc-{scheme}" in rows]
+
+
+def draws_report(bench: Bench) -> str:
+    """lmpress vs llm-compressor on every calibration draw measured, and the means."""
+    head = ["setting", "calibration draw", "lmpress ppl", "llm-compressor ppl", "lmpress - llm-compressor", "lmpress s", "llm-compressor s"]
+    table = []
+    for s in PEERS + ["wanda-0.5-fp32"]:
+        peer = "wanda-0.5" if s == "wanda-0.5-fp32" else s
+        got = [(seed, rows[s], rows[f"llmc-{peer}"]) for seed, rows in draws(bench).items() if s in rows and f"llmc-{peer}" in rows]
+        if len(got) < 2:
+            continue
+        for seed, a, b in got:
+            table.append([s, seed, f"{a['ppl']:.3f}", f"{b['ppl']:.3f}", f"{a['ppl'] - b['ppl']:+.3f}", f"{a['prune_seconds']:.0f}",
+                          f"{b['prune_seconds']:.0f}"])
+        mean = lambda rows, k: sum(x[k] for x in rows) / len(rows)  # noqa: E731
+        A, B = [a for _, a, _ in got], [b for _, _, b in got]
+        table.append([f"**{s}**", f"mean of {len(got)}", f"{mean(A, 'ppl'):.3f}", f"{mean(B, 'ppl'):.3f}",
+                      f"{mean(A, 'ppl') - mean(B, 'ppl'):+.3f}", f"{mean(A, 'prune_seconds'):.0f}", f"{mean(B, 'prune_seconds'):.0f}"])
+    if not table:
+        return ""
+    n, L = bench.calib.shape
+    return f"""### lmpress vs llm-compressor over several calibration draws
+
+The same comparison with other sets of {n} x {L} calibration tokens (`--calib-seed N` shuffles the calibration
+documents with seed N; draw 0 is the tables above); the evaluation tokens do not change. Wanda is the same algorithm
+in both tools, so a single draw's difference is mostly which near-tied weights floating-point noise puts on either
+side of the cut; the mean over draws is the fairer comparison.
+Command per draw: `flock /tmp/lmpress-heavy.lock python bench/prune.py --calib-samples {n} --calib-seed N`.
+
+{md_table(head, table)}
+"""
+
+
 def report(bench: Bench) -> str:
-    r = bench.rows
+    r = bench.cache[bench.base_key]
     base = r["original"]
     speed0 = base["decode_tps"]
 
@@ -371,12 +422,13 @@ update; same lambda); the allocation pass is included in the pruning time.
 
 {md_table(head2, t2)}
 
+{draws_report(bench)}
 {targets(bench)}
 """
 
 
 def targets(bench: Bench) -> str:
-    r = bench.rows
+    r = bench.cache[bench.base_key]
     base = r["original"]["ppl"]
     lines = ["### The issue's figures", ""]
     every = ["original"] + [n for n, _, _ in UNSTRUCTURED] + [f"llmc-{p}" for p in PEERS] + [n for n, _ in WIDTH] + [n for n, _ in DEPTH]
@@ -405,11 +457,15 @@ def targets(bench: Bench) -> str:
                 lines.append(f"- {name}: loads in plain transformers: {'yes' if x['plain_transformers'] else 'no'}; decode "
                              f"{_speedup_cell(x, r['original'])} the original (median of the interleaved rounds; >= 1.2x: {'met' if ok else 'NOT met'}).")
     for s in PEERS:
-        if s in r and f"llmc-{s}" in r:
-            a, b = r[s], r[f"llmc-{s}"]
-            ok_p, ok_t = a["ppl"] <= b["ppl"], a["prune_seconds"] <= b["prune_seconds"]
-            lines.append(f"- {s}: perplexity {a['ppl']:.3f} vs llm-compressor {b['ppl']:.3f} ({'met' if ok_p else 'NOT met'}); "
-                         f"time {a['prune_seconds']:.0f} s vs {b['prune_seconds']:.0f} s ({'met' if ok_t else 'NOT met'}).")
+        got = peer_draws(bench, s)
+        if not got or got[0][0] != 0:
+            continue
+        mean = lambda k, i: sum(g[i][k] for g in got) / len(got)  # noqa: E731
+        a, b, t_a, t_b = mean("ppl", 1), mean("ppl", 2), mean("prune_seconds", 1), mean("prune_seconds", 2)
+        ok_p, ok_t = a <= b, t_a <= t_b
+        over = f"mean of {len(got)} calibration draws" if len(got) > 1 else "one calibration draw"
+        lines.append(f"- {s} ({over}): perplexity {a:.3f} vs llm-compressor {b:.3f} ({'met' if ok_p else 'NOT met'}); "
+                     f"time {t_a:.0f} s vs {t_b:.0f} s ({'met' if ok_t else 'NOT met'}).")
     if all(n in r for n in ALLOCATION_ROWS):
         u, o, se = (r[n]["ppl"] for n in ALLOCATION_ROWS)
         lines.append(f"- Per-block allocation at 60% (informational, no target): perplexity uniform {u:.2f}, OWL {o:.2f}, "
@@ -429,9 +485,18 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--cache", default="/tmp/lmpress-bench-prune/results.json")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="another calibration draw: only the rows compared with llm-compressor, for the draws table")
     args = ap.parse_args()
     torch.set_num_threads(2)
     bench = Bench(args)
+    if bench.seed:
+        bench.unstructured(PEERS + ["wanda-0.5-fp32"])
+        if not args.skip_peers:
+            bench.peers(PEERS)
+        if not args.no_write:
+            write_section("prune", report(bench))
+        return
     bench.original()
     bench.unstructured(("magnitude-0.5", "wanda-0.5", "wanda-0.5-fp32", "sparsegpt-0.5"))
     if not args.skip_peers:
