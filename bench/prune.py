@@ -402,7 +402,7 @@ column is each model's best round, "vs original" the median over rounds of its t
 same round (in brackets: the lowest and highest round), so that load from other processes on the shared 2-core
 machine hits all of them alike; same-size models differing by a few percent are within the noise. Pruning wall time: the method call
 only (model loading excluded), for llm-compressor its `oneshot` call. lmpress's Wanda and SparseGPT run with
-their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; SparseGPT true-sequential within a block; `wanda-0.5-fp32` is Wanda with float32 forwards); llm-compressor with
+their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; all linears of a block pruned from the same block inputs, as in llm-compressor; `wanda-0.5-fp32` is Wanda with float32 forwards); llm-compressor with
 its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
 4-bit asymmetric g64 grid in the same sweep, stored as a packed 4-bit layer (zeros included). Width rows share one importance pass
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise). The

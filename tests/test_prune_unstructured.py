@@ -279,3 +279,22 @@ def test_hessian_factor_raises_dampening_until_positive_definite():
     assert used_ok == 0.01  # a positive definite Hessian keeps the configured dampening
     with pytest.raises(InputError, match="SparseGPT.*singular"):
         hessian_factor(-torch.eye(4), 0.01)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sparsegpt_sequential_sets_which_inputs_later_groups_see(sequential):
+    """Off (default): every linear of the first block is pruned with the Hessian of the dense model's
+    inputs to it. On: only the first group (q/k/v) is; later groups see the pruned groups before them."""
+    dense = _outlier_model()
+    xs = _linear_inputs(dense)
+    model, _ = _pruned("sparsegpt", sparsity=0.5, sequential=sequential, calib_dtype="float32")
+    pruned = arch.compressible_linears(model)
+    first = [n for n in pruned if ".0." in n]
+    assert len(first) == 7
+    for name, lin in arch.compressible_linears(dense).items():
+        if name not in first:
+            continue
+        U, _, _ = hessian_factor(xs[name].T @ xs[name], 0.01)
+        expect, _ = sparsegpt_prune(lin.weight.detach(), U, 0.5)
+        same = torch.allclose(pruned[name].weight, expect, atol=1e-5)
+        assert same == (not sequential or name.endswith(("q_proj", "k_proj", "v_proj"))), name

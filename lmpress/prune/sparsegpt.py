@@ -58,7 +58,9 @@ class SparseGPTConfig:
     allocation: str = "uniform"  # "uniform", "owl" (outlier-weighted) or "sensitivity" (per-block output error)
     owl_lambda: float = 0.08  # owl / sensitivity: block sparsities spread over target +- lambda
     owl_m: float = 5.0
-    sequential: bool = True  # groups of linears in a block see the pruned groups before them
+    # True: groups of linears in a block see the pruned groups before them. Off by default: on the default
+    # model it was 0.2-0.5 perplexity worse at 50% on three calibration draws, and 20% slower
+    sequential: bool = False
     batch_size: int = 8
     calib_dtype: str = "bfloat16"  # dtype of the block forwards in the calibration passes ("float32": full)
     bits: int | None = None  # joint mode: also quantize the kept weights to this many bits
