@@ -298,3 +298,10 @@ def test_sparsegpt_sequential_sets_which_inputs_later_groups_see(sequential):
         expect, _ = sparsegpt_prune(lin.weight.detach(), U, 0.5)
         same = torch.allclose(pruned[name].weight, expect, atol=1e-5)
         assert same == (not sequential or name.endswith(("q_proj", "k_proj", "v_proj"))), name
+
+
+def test_sparsegpt_sequential_default_depends_on_joint_mode_and_is_saved_resolved():
+    assert make_config("sparsegpt", sparsity=0.5).sequential is False
+    assert make_config("sparsegpt", sparsity=0.5, bits=4).sequential is True
+    assert make_config("sparsegpt", sparsity=0.5, bits=4, sequential=False).sequential is False
+    assert to_dict(make_config("sparsegpt", pattern="2:4"))["sequential"] is False
