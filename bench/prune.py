@@ -230,7 +230,7 @@ class Bench:
         from lmpress.evaluate import speed
 
         names = ["original"] + [n for n, _ in WIDTH + DEPTH if n in self.rows]
-        if len(names) == 1 or all("speedup_median" in self.rows[n] for n in names):
+        if len(names) == 1 or (not self.args.redo_speed and all("speedup_median" in self.rows[n] for n in names)):
             return
         folder = {n: self.model_dir if n == "original" else self.rows[n].get("folder") or _find_folder(n) for n in names}
         models = {n: load_model(folder[n])[0] for n in names}
@@ -241,6 +241,7 @@ class Bench:
         for n in names:
             ratios = [a / b for a, b in zip(tps[n], tps["original"])]
             self.rows[n].update(decode_tps_interleaved=max(tps[n]), speedup_rounds=ratios, speedup_median=statistics.median(ratios))
+        self.rows["original"]["speed_rounds"] = rounds
         self.save()
         if not self.args.no_write:
             write_section("prune", report(self))
@@ -345,13 +346,22 @@ def draws_report(bench: Bench) -> str:
     return f"""### lmpress vs llm-compressor over several calibration draws
 
 The same comparison with other sets of {n} x {L} calibration tokens (`--calib-seed N` shuffles the calibration
-documents with seed N; draw 0 is the tables above); the evaluation tokens do not change. Wanda is the same algorithm
-in both tools, so a single draw's difference is mostly which near-tied weights floating-point noise puts on either
-side of the cut; the mean over draws is the fairer comparison.
+documents with seed N; draw 0 is the tables above); the evaluation tokens do not change. Wanda and SparseGPT are the
+same algorithms in both tools, so a single draw's difference is mostly which near-tied weights floating-point noise
+puts on either side of the cut; the mean over draws is the fairer comparison. {_draw_provenance(bench)}
 Command per draw: `flock /tmp/lmpress-heavy.lock python bench/prune.py --calib-samples {n} --calib-seed N`.
 
 {md_table(head, table)}
 """
+
+
+def _draw_provenance(bench: Bench) -> str:
+    by = {}
+    for seed, rows in draws(bench).items():
+        for name, x in rows.items():
+            if seed:
+                by.setdefault(x.get("commit", "unrecorded"), []).append(f"{name}@{seed}")
+    return "Draws 1+ by commit: " + "; ".join(f"{c}: {', '.join(ns)}" for c, ns in by.items()) + "." if by else ""
 
 
 def report(bench: Bench) -> str:
@@ -397,7 +407,7 @@ Every pruned model was saved, loaded back and measured after the round trip. Uns
 stored as `SparseLinear` (bitmask or 2:4 indices + fp32 values; llm-compressor's dense outputs are stored the
 same way for the size column); their decode runs densified, so it is not faster. Decode: batch 1, 256-token
 prompt, 32 new tokens, best of 3 (unstructured table); for the structured table the original and every structured
-model were re-measured in a final interleaved pass (5 rounds, best of 2 decodes per model per round): the tok/s
+model were re-measured in a final interleaved pass ({base.get('speed_rounds', 5)} rounds, best of 2 decodes per model per round): the tok/s
 column is each model's best round, "vs original" the median over rounds of its tok/s over the original's in the
 same round (in brackets: the lowest and highest round), so that load from other processes on the shared 2-core
 machine hits all of them alike; same-size models differing by a few percent are within the noise. Pruning wall time: the method call
@@ -485,6 +495,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--cache", default="/tmp/lmpress-bench-prune/results.json")
+    ap.add_argument("--speed-rounds", type=int, default=5, help="rounds of the interleaved decode pass")
+    ap.add_argument("--redo-speed", action="store_true", help="rerun the interleaved decode pass even if cached")
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="another calibration draw: only the rows compared with llm-compressor, for the draws table")
     args = ap.parse_args()
@@ -503,7 +515,7 @@ def main() -> None:
         bench.peers(("wanda-0.5", "sparsegpt-0.5"))
     bench.width()
     bench.depth()
-    bench.speed_pass()
+    bench.speed_pass(args.speed_rounds)
     bench.unstructured(("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4"))
     if not args.skip_peers:
         bench.peers(("wanda-2:4", "sparsegpt-2:4"))
