@@ -318,10 +318,15 @@ def draws(bench: Bench) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
-def peer_draws(bench: Bench, scheme: str) -> list[tuple[int, dict, dict]]:
-    """(seed, lmpress row, llm-compressor row) for each draw where both were measured."""
-    return [(seed, rows[scheme], rows[f"llmc-{scheme}"]) for seed, rows in draws(bench).items()
-            if scheme in rows and f"llmc-{scheme}" in rows]
+def peer_draws(bench: Bench, name: str, scheme: str | None = None) -> list[tuple[int, dict, dict]]:
+    """(seed, lmpress row ``name``, llm-compressor row of ``scheme`` (default: name)) for each draw where
+    both were measured."""
+    peer = f"llmc-{scheme or name}"
+    return [(seed, rows[name], rows[peer]) for seed, rows in draws(bench).items() if name in rows and peer in rows]
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(x[key] for x in rows) / len(rows)
 
 
 def draws_report(bench: Bench) -> str:
@@ -329,17 +334,15 @@ def draws_report(bench: Bench) -> str:
     head = ["setting", "calibration draw", "lmpress ppl", "llm-compressor ppl", "lmpress - llm-compressor", "lmpress s", "llm-compressor s"]
     table = []
     for s in PEERS + ["wanda-0.5-fp32"]:
-        peer = "wanda-0.5" if s == "wanda-0.5-fp32" else s
-        got = [(seed, rows[s], rows[f"llmc-{peer}"]) for seed, rows in draws(bench).items() if s in rows and f"llmc-{peer}" in rows]
+        got = peer_draws(bench, s, "wanda-0.5" if s == "wanda-0.5-fp32" else s)
         if len(got) < 2:
             continue
         for seed, a, b in got:
             table.append([s, seed, f"{a['ppl']:.3f}", f"{b['ppl']:.3f}", f"{a['ppl'] - b['ppl']:+.3f}", f"{a['prune_seconds']:.0f}",
                           f"{b['prune_seconds']:.0f}"])
-        mean = lambda rows, k: sum(x[k] for x in rows) / len(rows)  # noqa: E731
         A, B = [a for _, a, _ in got], [b for _, _, b in got]
-        table.append([f"**{s}**", f"mean of {len(got)}", f"{mean(A, 'ppl'):.3f}", f"{mean(B, 'ppl'):.3f}",
-                      f"{mean(A, 'ppl') - mean(B, 'ppl'):+.3f}", f"{mean(A, 'prune_seconds'):.0f}", f"{mean(B, 'prune_seconds'):.0f}"])
+        table.append([f"**{s}**", f"mean of {len(got)}", f"{_mean(A, 'ppl'):.3f}", f"{_mean(B, 'ppl'):.3f}",
+                      f"{_mean(A, 'ppl') - _mean(B, 'ppl'):+.3f}", f"{_mean(A, 'prune_seconds'):.0f}", f"{_mean(B, 'prune_seconds'):.0f}"])
     if not table:
         return ""
     n, L = bench.calib.shape
@@ -470,8 +473,8 @@ def targets(bench: Bench) -> str:
         got = peer_draws(bench, s)
         if not got or got[0][0] != 0:
             continue
-        mean = lambda k, i: sum(g[i][k] for g in got) / len(got)  # noqa: E731
-        a, b, t_a, t_b = mean("ppl", 1), mean("ppl", 2), mean("prune_seconds", 1), mean("prune_seconds", 2)
+        A, B = [a for _, a, _ in got], [b for _, _, b in got]
+        a, b, t_a, t_b = _mean(A, "ppl"), _mean(B, "ppl"), _mean(A, "prune_seconds"), _mean(B, "prune_seconds")
         ok_p, ok_t = a <= b, t_a <= t_b
         over = f"mean of {len(got)} calibration draws" if len(got) > 1 else "one calibration draw"
         lines.append(f"- {s} ({over}): perplexity {a:.3f} vs llm-compressor {b:.3f} ({'met' if ok_p else 'NOT met'}); "
