@@ -181,6 +181,7 @@ def _ddp_worker(rank, port, out_dir):
                 torch.save(sd, os.path.join(out_dir, f"state-{fsdp}.pt"))
                 with open(os.path.join(out_dir, f"hist-{fsdp}.json"), "w") as f:
                     json.dump([r["loss"] for r in res["history"]] + [res["processes"]], f)
+        dist.barrier()  # both ranks done before either tears gloo down (a rank exiting early aborted, rarely)
     finally:
         dist.destroy_process_group()
 

@@ -118,6 +118,7 @@ def run(args) -> None:
         res["output"] = _save(student, args.output, tok, cfg, args.overwrite)
         _report(res, args.json)
     if dist.is_initialized():
+        dist.barrier()  # every rank done (rank 0 saving) before the process group goes
         dist.destroy_process_group()
 
 
