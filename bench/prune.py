@@ -249,6 +249,32 @@ class Bench:
               + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n]['speedup_median']:.3f}x" for n in names), file=sys.stderr)
 
 
+    def compiled_speed_pass(self, rounds: int):
+        """The same interleaved pass for the original and the width rows with transformers' fast decode
+        path (static KV cache, decode step through torch.compile; each model compiled once, untimed)."""
+        import statistics
+
+        from lmpress import load_model
+        from lmpress.evaluate import speed
+
+        names = ["original"] + [n for n, _ in WIDTH if n in self.rows]
+        if len(names) == 1 or (not self.args.redo_speed and all("speedup_median_compiled" in self.rows[n] for n in names)):
+            return
+        models = {n: load_model(self.model_dir if n == "original" else self.rows[n]["folder"])[0] for n in names}
+        tps = {n: [] for n in names}
+        for _ in range(rounds):
+            for n, m in models.items():
+                tps[n].append(speed(m, repeats=2, compiled=True).decode_tps)
+        for n in names:
+            ratios = [a / b for a, b in zip(tps[n], tps["original"])]
+            self.rows[n].update(decode_tps_compiled=max(tps[n]), speedup_rounds_compiled=ratios,
+                                speedup_median_compiled=statistics.median(ratios))
+        self.rows["original"]["speed_rounds_compiled"] = rounds
+        self.save()
+        print("compiled decode tok/s (best) and median speed-up: "
+              + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n]['speedup_median_compiled']:.3f}x" for n in names), file=sys.stderr)
+
+
 def _provenance(rows: dict) -> str:
     """A sentence naming the commit of each group of rows, when the table mixes invocations."""
     by = {}
@@ -301,6 +327,12 @@ def _speedup_cell(row, base) -> str:
     rounds = row.get("speedup_rounds")
     spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
     return f"{_speedup(row, base):.2f}x{spread}"
+
+
+def _compiled_cell(row) -> str:
+    """The compiled-decode speed-up (median, range of rounds), or a dash when not measured."""
+    rounds = row.get("speedup_rounds_compiled")
+    return f"{row['speedup_median_compiled']:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})" if rounds else "-"
 
 
 def _mb(b):
@@ -387,7 +419,7 @@ def report(bench: Bench) -> str:
         if f"llmc-{name}" in r:
             t1.append(row(f"llmc-{name}", f"llm-compressor {name}"))
     head2 = ["model", "perplexity", "Δ ppl", "KL", "top-1", "params", "non-embedding params", "shape / dropped", "disk MB",
-             "decode tok/s", "vs original", "pruning s", "plain transformers loads"]
+             "decode tok/s", "vs original", "vs original, compiled decode", "pruning s", "plain transformers loads"]
     t2 = []
     for name in [n for n, _ in WIDTH] + [n for n, _ in DEPTH]:
         if name not in r:
@@ -397,7 +429,7 @@ def report(bench: Bench) -> str:
                 if "shape" in x else f"blocks {x['dropped']}")
         t2.append([name, f"{x['ppl']:.2f}", f"{x['ppl'] - base['ppl']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
                    f"{x['params'] / 1e6:.1f}M", f"{x['params_non_embedding'] / 1e6:.1f}M", what, _mb(x["disk_bytes"]),
-                   f"{_dec(x):.1f}", _speedup_cell(x, base), f"{x['prune_seconds']:.0f}",
+                   f"{_dec(x):.1f}", _speedup_cell(x, base), _compiled_cell(x), f"{x['prune_seconds']:.0f}",
                    "yes" if x["plain_transformers"] else "NO"])
     n, L = bench.calib.shape
     return f"""## Pruning: magnitude, Wanda, SparseGPT, width and depth (default model, default corpus)
@@ -413,7 +445,10 @@ prompt, 32 new tokens, best of 3 (unstructured table); for the structured table 
 model were re-measured in a final interleaved pass ({base.get('speed_rounds', 5)} rounds, best of 2 decodes per model per round): the tok/s
 column is each model's best round, "vs original" the median over rounds of its tok/s over the original's in the
 same round (in brackets: the lowest and highest round), so that load from other processes on the shared 2-core
-machine hits all of them alike; same-size models differing by a few percent are within the noise. Pruning wall time: the method call
+machine hits all of them alike; same-size models differing by a few percent are within the noise. "compiled decode":
+the original and the width models again, interleaved ({base.get('speed_rounds_compiled', '-')} rounds, `--compiled-decode`), decoding with
+transformers' fast path (a static KV cache and the decode step through `torch.compile`, compiled before timing), which
+removes most of the per-token work outside the matrix products. Pruning wall time: the method call
 only (model loading excluded), for llm-compressor its `oneshot` call. lmpress's Wanda and SparseGPT run with
 their defaults (calibration forwards in bfloat16, SparseGPT's Hessian products in float32; all linears of a block pruned from the same block inputs, as in llm-compressor; `wanda-0.5-fp32` is Wanda with float32 forwards); llm-compressor with
 its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% sparse and the kept weights on a
@@ -469,6 +504,9 @@ def targets(bench: Bench) -> str:
                 ok = ratio >= 1.2 and x["plain_transformers"]
                 lines.append(f"- {name}: loads in plain transformers: {'yes' if x['plain_transformers'] else 'no'}; decode "
                              f"{_speedup_cell(x, r['original'])} the original (median of the interleaved rounds; >= 1.2x: {'met' if ok else 'NOT met'}).")
+                if "speedup_median_compiled" in x:
+                    okc = x["speedup_median_compiled"] >= 1.2 and x["plain_transformers"]
+                    lines.append(f"  With the compiled decode path: {_compiled_cell(x)} (>= 1.2x: {'met' if okc else 'NOT met'}).")
     for s in PEERS:
         got = peer_draws(bench, s)
         if not got or got[0][0] != 0:
@@ -499,6 +537,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--cache", default="/tmp/lmpress-bench-prune/results.json")
     ap.add_argument("--speed-rounds", type=int, default=5, help="rounds of the interleaved decode pass")
+    ap.add_argument("--compiled-decode", action="store_true", help="also an interleaved pass with the compiled decode path (width rows)")
     ap.add_argument("--redo-speed", action="store_true", help="rerun the interleaved decode pass even if cached")
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="another calibration draw: only the rows compared with llm-compressor, for the draws table")
@@ -519,6 +558,8 @@ def main() -> None:
     bench.width()
     bench.depth()
     bench.speed_pass(args.speed_rounds)
+    if args.compiled_decode:
+        bench.compiled_speed_pass(args.speed_rounds)
     bench.unstructured(("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4"))
     if not args.skip_peers:
         bench.peers(("wanda-2:4", "sparsegpt-2:4"))

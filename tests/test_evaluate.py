@@ -99,3 +99,13 @@ def test_bigbench_task_file_parsing(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"subtasks": []}))
     with pytest.raises(InputError, match="no 'examples'"):
         load_task(str(tmp_path / "bad.json"))
+
+
+def test_compiled_static_cache_decode_gives_the_eager_tokens():
+    """The compiled fast path (static KV cache + torch.compile'd step) decodes the same greedy tokens."""
+    model = tiny_model("llama")
+    prompt = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    eager = ev.greedy_decode(model, prompt, 6)
+    assert eager.shape == (1, 6)
+    assert torch.equal(ev.greedy_decode(model, prompt, 6, compiled=True), eager)
+    assert ev.speed(model, prompt_tokens=12, new_tokens=4, repeats=1, compiled=True).decode_tps > 0
