@@ -27,9 +27,11 @@ def evaluate(
     measure_speed: bool = True,
     model_path: str | os.PathLike | None = None,
     progress: bool = True,
+    compiled_decode: bool = False,
 ) -> dict:
     """Perplexity, (KL and top-1 agreement against ``reference``), size, bits per weight, peak
     memory, prefill and decode speed of ``model``; returns a flat dict of figures.
+    ``compiled_decode``: decode through a static KV cache and ``torch.compile`` (``evaluate.speed``).
     """
     from .data import prepare
     from .io import folder_bytes
@@ -52,7 +54,7 @@ def evaluate(
         disk_bytes=folder_bytes(model_path) if model_path else None,
     )
     if measure_speed:
-        res.update(as_dict(speed(model)))
+        res.update(as_dict(speed(model, compiled=compiled_decode)), decode_path="compiled" if compiled_decode else "eager")
     res["peak_rss_bytes"] = peak_rss_bytes()
     return res
 

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--reference", default=None, help="a model to measure KL divergence and top-1 agreement against")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurement")
+    p.add_argument("--compiled-decode", action="store_true",
+                   help="measure decode with a static KV cache and torch.compile (transformers' fast path; compiles first)")
     p.add_argument("--task", default=None, help="zero-shot multiple-choice task: social_iqa, strategyqa, ... or a BIG-bench task.json")
     p.add_argument("--task-limit", type=int, default=200, help="items of the task to score (default 200)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE ('-' for stdout)")
@@ -95,7 +97,7 @@ def cmd_eval(args) -> None:
 
         ref, _ = load_model(args.reference, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     res = evaluate(model, tok, data=_data_cfg(args), context=args.context, reference=ref,
-                   measure_speed=not args.no_speed, model_path=resolve_model_path(args.model))
+                   measure_speed=not args.no_speed, model_path=resolve_model_path(args.model), compiled_decode=args.compiled_decode)
     if args.task:
         from .evaluate import multiple_choice
         from .tasks import load_task

@@ -58,6 +58,16 @@ def test_cli_compress_then_eval(setup, tmp_path, capsys):
     assert 3 < figs["linear_bits_per_weight"] < 5
 
 
+def test_cli_eval_compiled_decode(setup, tmp_path):
+    from lmpress.cli import main
+
+    src, corpus = setup
+    assert main(["eval", str(src), "--data", str(corpus), "--eval-tokens", "128", "--context", "64", "--compiled-decode",
+                 "--json", str(tmp_path / "f.json")]) == 0
+    figs = json.loads((tmp_path / "f.json").read_text())
+    assert figs["decode_path"] == "compiled" and figs["decode_tps"] > 0
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--method", "gptq", "--sparsity", "0.5"], "has no option"),
     (["--method", "gptq", "--bits", "5"], "bits must be one of"),
