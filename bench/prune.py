@@ -220,59 +220,37 @@ class Bench:
             self.record(name, self.measure(out, decode=self.seed == 0, prune_seconds=peer["oneshot_seconds"], sparsity=sparsity))
 
 
-    def speed_pass(self, rounds: int = 5):
+    def speed_pass(self, rounds: int = 5, compiled: bool = False):
         """Decode speed of the original and the structured models, interleaved round by round, so that
         load from other processes hits every model alike: the best tok/s of each model over the rounds,
-        and its speed-up as the median over rounds of (its tok/s / the original's tok/s in that round)."""
+        and its speed-up as the median over rounds of (its tok/s / the original's tok/s in that round).
+        ``compiled``: the original and the width rows only, on transformers' fast decode path (static KV
+        cache, decode step through torch.compile; each model compiled once, untimed); keys end in _compiled."""
         import statistics
 
         from lmpress import load_model
         from lmpress.evaluate import speed
 
-        names = ["original"] + [n for n, _ in WIDTH + DEPTH if n in self.rows]
-        if len(names) == 1 or (not self.args.redo_speed and all("speedup_median" in self.rows[n] for n in names)):
+        sfx = "_compiled" if compiled else ""
+        names = ["original"] + [n for n, _ in (WIDTH if compiled else WIDTH + DEPTH) if n in self.rows]
+        if len(names) == 1 or (not self.args.redo_speed and all(f"speedup_median{sfx}" in self.rows[n] for n in names)):
             return
         folder = {n: self.model_dir if n == "original" else self.rows[n].get("folder") or _find_folder(n) for n in names}
         models = {n: load_model(folder[n])[0] for n in names}
         tps = {n: [] for n in names}
         for _ in range(rounds):
             for n, m in models.items():
-                tps[n].append(speed(m, repeats=2).decode_tps)
+                tps[n].append(speed(m, repeats=2, compiled=compiled).decode_tps)
         for n in names:
             ratios = [a / b for a, b in zip(tps[n], tps["original"])]
-            self.rows[n].update(decode_tps_interleaved=max(tps[n]), speedup_rounds=ratios, speedup_median=statistics.median(ratios))
-        self.rows["original"]["speed_rounds"] = rounds
+            self.rows[n].update({f"decode_tps{sfx or '_interleaved'}": max(tps[n]), f"speedup_rounds{sfx}": ratios,
+                                 f"speedup_median{sfx}": statistics.median(ratios)})
+        self.rows["original"][f"speed_rounds{sfx}"] = rounds
         self.save()
         if not self.args.no_write:
             write_section("prune", report(self))
-        print("interleaved decode tok/s (best) and median speed-up: "
-              + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n]['speedup_median']:.3f}x" for n in names), file=sys.stderr)
-
-
-    def compiled_speed_pass(self, rounds: int):
-        """The same interleaved pass for the original and the width rows with transformers' fast decode
-        path (static KV cache, decode step through torch.compile; each model compiled once, untimed)."""
-        import statistics
-
-        from lmpress import load_model
-        from lmpress.evaluate import speed
-
-        names = ["original"] + [n for n, _ in WIDTH if n in self.rows]
-        if len(names) == 1 or (not self.args.redo_speed and all("speedup_median_compiled" in self.rows[n] for n in names)):
-            return
-        models = {n: load_model(self.model_dir if n == "original" else self.rows[n]["folder"])[0] for n in names}
-        tps = {n: [] for n in names}
-        for _ in range(rounds):
-            for n, m in models.items():
-                tps[n].append(speed(m, repeats=2, compiled=True).decode_tps)
-        for n in names:
-            ratios = [a / b for a, b in zip(tps[n], tps["original"])]
-            self.rows[n].update(decode_tps_compiled=max(tps[n]), speedup_rounds_compiled=ratios,
-                                speedup_median_compiled=statistics.median(ratios))
-        self.rows["original"]["speed_rounds_compiled"] = rounds
-        self.save()
-        print("compiled decode tok/s (best) and median speed-up: "
-              + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n]['speedup_median_compiled']:.3f}x" for n in names), file=sys.stderr)
+        print(f"interleaved{' compiled' if compiled else ''} decode tok/s (best) and median speed-up: "
+              + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n][f'speedup_median{sfx}']:.3f}x" for n in names), file=sys.stderr)
 
 
 def _provenance(rows: dict) -> str:
@@ -559,7 +537,7 @@ def main() -> None:
     bench.depth()
     bench.speed_pass(args.speed_rounds)
     if args.compiled_decode:
-        bench.compiled_speed_pass(args.speed_rounds)
+        bench.speed_pass(args.speed_rounds, compiled=True)
     bench.unstructured(("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4"))
     if not args.skip_peers:
         bench.peers(("wanda-2:4", "sparsegpt-2:4"))
