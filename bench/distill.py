@@ -90,7 +90,7 @@ def simple_width_prune(model, heads_per_kv: int, inter: int):
 
 
 def non_embedding_params(model) -> int:
-    from lmpress.stats import param_counts
+    from lmpress.counts import param_counts
 
     c = param_counts(model)
     return c.total - c.embedding

@@ -60,7 +60,7 @@ class Reference:
 def measure(model, ref: Reference, out_dir: Path | None, speed_kw: dict) -> dict:
     from lmpress.evaluate import speed
     from lmpress.io import folder_bytes
-    from lmpress.stats import param_counts
+    from lmpress.counts import param_counts
 
     ppl, kl, top1 = ref.score(model)
     c = param_counts(model)

@@ -90,7 +90,7 @@ class Bench:
         from lmpress import load_model
         from lmpress.evaluate import compare, perplexity, speed
         from lmpress.io import folder_bytes
-        from lmpress.stats import param_counts
+        from lmpress.counts import param_counts
 
         model, _ = load_model(folder)  # measure what was saved, after a round trip
         bos = self.tok.bos_token_id

@@ -61,7 +61,7 @@ def measure(model, float_model, stream, bos, tmp, tok, with_speed):
     from lmpress.evaluate import compare, perplexity, speed
     from lmpress.formats import save_compressed
     from lmpress.io import folder_bytes
-    from lmpress.stats import param_counts
+    from lmpress.counts import param_counts
 
     out = save_compressed(model, Path(tmp) / f"m{time.monotonic_ns()}", recipe=[], tokenizer=tok)
     row = {
@@ -102,7 +102,7 @@ def main() -> None:
     from lmpress.data import DataConfig, prepare
     from lmpress.evaluate import compare, perplexity, speed
     from lmpress.io import folder_bytes, load_model, resolve_model_path
-    from lmpress.stats import param_counts
+    from lmpress.counts import param_counts
 
     model_dir = resolve_model_path(None)
     fm, tok = load_model(model_dir)

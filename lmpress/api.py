@@ -9,7 +9,7 @@ from pathlib import Path
 from . import arch
 from .data import DataConfig
 from .evaluate import as_dict, compare, peak_rss_bytes, perplexity, speed, tensor_bytes
-from .stats import param_counts
+from .counts import param_counts
 
 
 def _bos(tokenizer) -> int | None:

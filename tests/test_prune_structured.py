@@ -10,7 +10,7 @@ from lmpress import arch
 from lmpress.errors import InputError
 from lmpress.prune import structured as st
 from lmpress.recipe import RunContext, apply, make_config
-from lmpress.stats import param_counts
+from lmpress.counts import param_counts
 
 IDS = torch.randint(3, 256, (6, 24), generator=torch.Generator().manual_seed(0))
 

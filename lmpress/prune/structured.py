@@ -123,7 +123,7 @@ class WidthShape:
 
 def non_embedding_params(model: nn.Module) -> int:
     """Parameters outside the token embeddings and the output head."""
-    from ..stats import param_counts
+    from ..counts import param_counts
 
     c = param_counts(model)
     return c.linear + c.other

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import arch
-from .errors import InputError
+from .. import arch
+from ..errors import InputError
 
 FORMAT_VERSION = 1
 
@@ -104,7 +104,7 @@ def save_compressed(model: nn.Module, out, *, recipe: list[dict], tokenizer=None
     """Save ``model`` with its compressed layers to the folder ``out`` (atomically)."""
     from safetensors.torch import save_file
 
-    from .io import save_model
+    from ..io import save_model
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
