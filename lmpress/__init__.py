@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from .recipe import METHODS as _methods  # a plain table: importing it is cheap
+
 __version__ = "0.1.0"
 
 _API = {
@@ -20,16 +22,23 @@ _API = {
     "quantize_": "lmpress.api",
     "prune_": "lmpress.api",
     "factorize_": "lmpress.api",
+    "export": "lmpress.io",
+    "distill": "lmpress.distill.engine",
     "DataConfig": "lmpress.data",
     "walk_blocks": "lmpress.calib",
     "LmpressError": "lmpress.errors",
     "InputError": "lmpress.errors",
 }
 
-__all__ = sorted(_API)
+
+# every method's config class (GPTQConfig, WandaConfig, ...) -> its module, from the method registry
+_CONFIGS = {m.config: m.module for m in _methods.values()}
+__all__ = sorted([*_API, *_CONFIGS])
 
 
 def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
+    if name in _CONFIGS:
+        return getattr(importlib.import_module(_CONFIGS[name]), name)
     raise AttributeError(f"module 'lmpress' has no attribute {name!r}")

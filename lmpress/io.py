@@ -26,7 +26,7 @@ def resolve_model_path(spec: str | os.PathLike | None) -> Path:
     if spec is None:
         spec = assets.DEFAULT_MODEL_NAME
     if str(spec) in assets.MODEL_ASSETS and not Path(spec).exists():
-        return assets.default_model_dir(str(spec))
+        return builtin_model_dir(str(spec))
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(
@@ -34,6 +34,21 @@ def resolve_model_path(spec: str | os.PathLike | None) -> Path:
             f"or a built-in name ({', '.join(sorted(assets.MODEL_ASSETS))})"
         )
     return path
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The built-in model ``name`` as a safetensors folder, converted once from the GGUF file that
+    :mod:`lmpress.assets` fetches (loads in ~2 s instead of ~15 s)."""
+    from . import assets
+
+    folder = assets.model_cache_dir(name)
+    if (folder / "config.json").exists():
+        return folder
+    gguf_path = assets.fetch_model(name)
+    assets.log(f"converting {gguf_path.name} to a safetensors folder (once)")
+    model, tokenizer = load_gguf(gguf_path)
+    save_model(model, folder, tokenizer=tokenizer, format="hf")
+    return folder
 
 
 def load_model(
@@ -121,26 +136,46 @@ def _check_decoder(config: Any, where: Path) -> None:
 
 
 def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool):
+    from . import formats
+
     raw = _check_folder(path, allow_pickle)
-    from transformers import AutoConfig
+    _check_remote_code(path, raw, trust_remote_code)
+    fmt = formats.detect(raw)
+    if fmt == "hf":
+        from transformers import AutoConfig
 
-    if "auto_map" in raw and not trust_remote_code:
-        raise InputError(
-            f"{path} asks to run its own Python code (auto_map in config.json); lmpress does not run "
-            "it unless you pass --trust-remote-code (trust_remote_code=True)"
-        )
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as e:
-        raise InputError(f"{path}/config.json is not a configuration transformers knows ({e})")
-    _check_decoder(config, path)
-    if "lmpress" in raw:
-        from .formats import load_compressed
-
-        model = load_compressed(path, config, raw["lmpress"])
-    else:
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError) as e:
+            raise InputError(f"{path}/config.json is not a configuration transformers knows ({str(e).splitlines()[0][:200]})")
+        _check_decoder(config, path)
         model = _from_pretrained(path, dtype, allow_pickle, trust_remote_code)
-    return model, _load_tokenizer(path)
+    else:
+        reader = formats.writer(fmt)
+        if hasattr(reader, "config_of"):
+            _check_decoder(reader.config_of(raw, path), path)
+        model = reader.read(path, raw)
+        _check_decoder(model.config, path)
+    model.lmpress_info = raw.get("lmpress") or {}  # the recipe and data that made it, kept by export
+    model.lmpress_recipe = model.lmpress_info.get("recipe", [])
+    return model, _load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def _check_remote_code(path: Path, raw: dict, trust_remote_code: bool) -> None:
+    """Refuse a folder whose config or tokenizer names its own Python code, unless trusted."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        f = path / name
+        try:
+            cfg = raw if name == "config.json" else (json.loads(f.read_text()) if f.exists() else {})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{f} is not valid JSON ({e}); the file is corrupt, re-save the model")
+        if isinstance(cfg, dict) and "auto_map" in cfg:
+            raise InputError(
+                f"{path} asks to run its own Python code (auto_map in {name}); lmpress does not run "
+                "it unless you pass --trust-remote-code (trust_remote_code=True)"
+            )
 
 
 def _from_pretrained(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool):
@@ -200,24 +235,96 @@ def _check_gguf(file: Path) -> None:
         raise InputError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or corrupt")
 
 
-def save_model(model, out: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, extra=None) -> Path:
-    """Save with ``save_pretrained`` into a temporary folder, then rename it to ``out`` atomically.
+def save_model(model, out: str | os.PathLike, *, tokenizer=None, format: str = "auto", recipe=None, data=None,
+               overwrite: bool = False) -> Path:
+    """Save ``model`` (float or compressed) to the folder ``out`` in ``format`` and return the path.
 
-    ``extra(tmp_dir)`` may write more files (compressed weights, metadata) before the rename. An
-    interrupted save leaves no half-written ``out``.
+    ``format``: ``auto`` (the first of plain Hugging Face, compressed-tensors, lmpress's own layout
+    that can hold the model), ``hf``, ``compressed-tensors`` or ``lmpress``; see :mod:`lmpress.formats`.
+    ``recipe`` (list of method configs or dicts) and ``data`` (the :class:`~lmpress.data.DataConfig`
+    used) are saved in ``config.json`` under ``"lmpress"``. The folder is written under a temporary
+    name beside ``out`` and renamed into place, so an interrupted save leaves no half-written ``out``.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another output folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from . import formats
+
+    out = check_output(out, overwrite=overwrite)
+    fmt = formats.choose(model, format)
+    metadata = _metadata(recipe, data)
+    return _atomic_folder(out, lambda tmp: _write(formats.writer(fmt), model, tmp, metadata, tokenizer))
+
+
+def export(src, out: str | os.PathLike, *, format: str = "auto", overwrite: bool = False,
+           allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """Convert a model (an lmpress output or any model :func:`load_model` reads) to ``format``,
+    keeping its recipe and data metadata: e.g. an lmpress-layout folder to compressed-tensors."""
+    check_output(out, overwrite=overwrite, inputs=[resolve_model_path(src)])
+    model, tok = load_model(src, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    info = getattr(model, "lmpress_info", {})
+    return save_model(model, out, tokenizer=tok, format=format, recipe=info.get("recipe"), data=info.get("data"),
+                      overwrite=overwrite)
+
+
+def _write(writer, model, tmp: Path, metadata: dict, tokenizer) -> None:
+    writer.write(model, tmp, metadata)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def _metadata(recipe, data) -> dict:
+    import dataclasses
+
+    from . import __version__
+    from . import recipe as rc
+
+    steps = [s if isinstance(s, dict) else rc.to_dict(s) for s in (recipe or [])]
+    data = dataclasses.asdict(data) if dataclasses.is_dataclass(data) else data
+    return {"lmpress_version": __version__, "recipe": steps, "data": data}
+
+
+def is_lmpress_output(path: Path) -> bool:
+    """Whether ``path`` is a folder (or GGUF file) that lmpress wrote, and so may be replaced."""
+    if path.is_dir():
+        try:
+            return "lmpress" in json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, inputs=()) -> Path:
+    """Check an output path before any work: it must not exist unless ``overwrite``, and then only an
+    earlier output of lmpress may be replaced, never a path that is or holds one of ``inputs``."""
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        inp = Path(given).expanduser().resolve()
+        if inp == resolved or resolved in inp.parents:
+            raise InputError(f"output {out} is or holds the input {given}; write the output somewhere else")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{out} already exists; choose another output folder or pass --overwrite")
+        if not is_lmpress_output(out):
+            raise InputError(f"{out} exists and is not an lmpress output, so --overwrite will not replace it; "
+                             "choose another output path or remove it yourself")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent} (permission denied); choose another output folder")
+    return out
+
+
+def _atomic_folder(out: Path, fill) -> Path:
+    """Run ``fill(tmp)`` on a fresh folder beside ``out``, then rename it to ``out`` (replacing an
+    earlier one); on any failure remove the temporary folder and leave ``out`` as it was."""
     try:
-        if extra is None:
-            model.save_pretrained(tmp)
-        else:
-            extra(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"cannot create the output folder beside {out} ({e.strerror}); choose another output folder")
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        fill(tmp)
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, trash)
@@ -225,10 +332,18 @@ def save_model(model, out: str | os.PathLike, *, tokenizer=None, overwrite: bool
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise InputError(f"could not write {out} ({e.strerror}); nothing was written, free space or choose another folder") from None
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def folder_bytes(path: str | os.PathLike) -> int:

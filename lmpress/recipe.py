@@ -10,9 +10,10 @@ with the compressed model. A YAML recipe is a list of mappings::
     - method: distill
       tokens: 2000000
 
-Methods are registered here explicitly (name -> module, config class, function), imported on use.
-Every method function has the signature ``fn(model, cfg, ctx: RunContext) -> dict`` and changes the
-model in place; the dict it returns (per-layer figures) goes into the report.
+Methods are registered here explicitly (:data:`METHODS`: name -> module, config class, function,
+family, summary, finishing step), imported on use. Every method function has the signature
+``fn(model, cfg, ctx: RunContext) -> dict`` and changes the model in place; the dict it returns
+(per-layer figures) goes into the report.
 """
 
 from __future__ import annotations
@@ -25,22 +26,48 @@ from typing import Any
 
 from .errors import InputError
 
-# method name -> (module, config class, function)
-METHODS: dict[str, tuple[str, str, str]] = {
-    "rtn": ("lmpress.quant.rtn", "RTNConfig", "rtn_"),
-    "gptq": ("lmpress.quant.gptq", "GPTQConfig", "gptq_"),
-    "awq": ("lmpress.quant.awq", "AWQConfig", "awq_"),
-    "magnitude": ("lmpress.prune.unstructured", "MagnitudeConfig", "magnitude_"),
-    "wanda": ("lmpress.prune.unstructured", "WandaConfig", "wanda_"),
-    "sparsegpt": ("lmpress.prune.sparsegpt", "SparseGPTConfig", "sparsegpt_"),
-    "prune-width": ("lmpress.prune.structured", "WidthPruneConfig", "prune_width_"),
-    "prune-depth": ("lmpress.prune.structured", "DepthPruneConfig", "prune_depth_"),
-    "svd": ("lmpress.lowrank.svd", "SVDConfig", "svd_"),
-    "asvd": ("lmpress.lowrank.svd", "ASVDConfig", "asvd_"),
-    "svd-llm": ("lmpress.lowrank.svd", "SVDLLMConfig", "svd_llm_"),
-    "dsformer": ("lmpress.lowrank.dsformer", "DSFormerConfig", "dsformer_"),
-    "distill": ("lmpress.distill.engine", "DistillConfig", "distill_"),
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: where the method lives, its family, a one-line summary (the CLI's help) and
+    the finishing step run right after it (``"module:function"``, called ``fn(model, cfg) -> dict``),
+    so that ``lmpress.prune_(model, cfg)`` and a recipe give the same model from one config."""
+
+    module: str
+    config: str
+    fn: str
+    family: str  # quant | prune | lowrank | distill
+    summary: str
+    finish: str | None = None
+
+
+_SPARSE = "lmpress.prune.sparse:store_sparse_"
+METHODS: dict[str, Method] = {
+    "rtn": Method("lmpress.quant.rtn", "RTNConfig", "rtn_", "quant", "round-to-nearest weight quantization"),
+    "gptq": Method("lmpress.quant.gptq", "GPTQConfig", "gptq_", "quant", "GPTQ: quantization with Hessian error feedback"),
+    "awq": Method("lmpress.quant.awq", "AWQConfig", "awq_", "quant", "AWQ: activation-aware scaling, then rounding"),
+    "magnitude": Method("lmpress.prune.unstructured", "MagnitudeConfig", "magnitude_", "prune",
+                        "unstructured / N:M pruning by weight magnitude", _SPARSE),
+    "wanda": Method("lmpress.prune.unstructured", "WandaConfig", "wanda_", "prune",
+                    "Wanda: pruning by |weight| x input norm", _SPARSE),
+    "sparsegpt": Method("lmpress.prune.sparsegpt", "SparseGPTConfig", "sparsegpt_", "prune",
+                        "SparseGPT: pruning with Hessian updates (with bits: joint pruning + quantization)", _SPARSE),
+    "prune-width": Method("lmpress.prune.structured", "WidthPruneConfig", "prune_width_", "prune",
+                          "structured width pruning (heads, MLP channels, hidden)"),
+    "prune-depth": Method("lmpress.prune.structured", "DepthPruneConfig", "prune_depth_", "prune",
+                          "depth pruning (drop whole blocks)"),
+    "svd": Method("lmpress.lowrank.svd", "SVDConfig", "svd_", "lowrank", "truncated SVD of each linear"),
+    "asvd": Method("lmpress.lowrank.svd", "ASVDConfig", "asvd_", "lowrank", "activation-aware SVD"),
+    "svd-llm": Method("lmpress.lowrank.svd", "SVDLLMConfig", "svd_llm_", "lowrank", "SVD-LLM: truncation-aware whitening"),
+    "dsformer": Method("lmpress.lowrank.dsformer", "DSFormerConfig", "dsformer_", "lowrank",
+                       "DSFormer: dense x sparse factorization"),
+    "distill": Method("lmpress.distill.engine", "DistillConfig", "distill_", "distill",
+                      "distillation toward the original model (also QAT with qat_bits)"),
 }
+
+
+def methods_help() -> str:
+    """One line per registered method, for the CLI's help."""
+    return "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items())
 
 
 @dataclass
@@ -55,17 +82,29 @@ class RunContext:
     extra: dict = field(default_factory=dict)
 
 
-def _entry(name: str):
-    if name not in METHODS:
-        raise InputError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    mod, cls, fn = METHODS[name]
+def _import(module: str):
     try:
-        module = importlib.import_module(mod)
+        return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("lmpress"):
-            raise InputError(f"method {name!r} is not available in this lmpress build ({e.name} missing)")
+            raise InputError(f"{module} is not available in this lmpress build ({e.name} missing)")
         raise
-    return getattr(module, cls), getattr(module, fn)
+
+
+def entry(name: str) -> Method:
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _entry(name: str):
+    m = entry(name)
+    module = _import(m.module)
+    return getattr(module, m.config), getattr(module, m.fn)
+
+
+def family(cfg) -> str:
+    return entry(cfg.method).family
 
 
 def config_class(name: str):
@@ -118,6 +157,11 @@ def needs_calibration(cfg) -> bool:
 
 
 def apply(model, cfg, ctx: RunContext) -> dict:
-    """Apply one method config to ``model`` in place."""
+    """Apply one method config to ``model`` in place, then its finishing step; returns its figures."""
     _, fn = _entry(cfg.method)
-    return fn(model, cfg, ctx) or {}
+    info = fn(model, cfg, ctx) or {}
+    finish = entry(cfg.method).finish
+    if finish:
+        mod, _, name = finish.partition(":")
+        info = {**info, **(getattr(_import(mod), name)(model, cfg) or {})}
+    return info

@@ -44,14 +44,14 @@ def _sdist_url(name: str, version: str) -> str:
 
 def fetch_task_file(task: str) -> Path:
     """The cached ``task.json`` of a built-in task, streamed out of the bigbench sdist once."""
-    from .assets import _log, cache_dir
+    from .assets import cache_dir, log
 
     dest = cache_dir() / "tasks" / f"{task}.json"
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     member_suffix = BUILTIN[task]
-    _log(f"fetching {task} from the bigbench {BIGBENCH[1]} source distribution on PyPI (358 MB, streamed once)")
+    log(f"fetching {task} from the bigbench {BIGBENCH[1]} source distribution on PyPI (358 MB, streamed once)")
     try:
         with urllib.request.urlopen(_sdist_url(*BIGBENCH), timeout=600) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
             for m in tar:

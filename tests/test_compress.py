@@ -28,14 +28,14 @@ def test_api_compress_saves_reloadable_model_and_keeps_input(setup, tmp_path):
     model, tok = load_model(src)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = DataConfig(corpus=str(corpus), calib_samples=4, calib_len=32, eval_tokens=256)
-    res = compress([make_config("gptq", bits=4, group_size=32)], model, tok, data=data, out=tmp_path / "q",
-                   measure_speed=False, context=64, progress=False)
+    compressed, res = compress(model, [make_config("gptq", bits=4, group_size=32)], tok, data=data, out=tmp_path / "q",
+                               measure_speed=False, context=64, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
     assert res["after"]["kl"] > 0 and res["after"]["linear_bits_per_weight"] < 6
     again, _ = load_model(tmp_path / "q")
     ids = torch.randint(3, 200, (1, 12))
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, res["model"](ids).logits)
+        assert torch.equal(again(ids).logits, compressed(ids).logits)
     meta = json.loads((tmp_path / "q" / "config.json").read_text())["lmpress"]
     assert meta["recipe"][0]["method"] == "gptq" and meta["recipe"][0]["bits"] == 4
 
@@ -95,7 +95,7 @@ def test_cli_prune_saves_compact_sparse_layers_and_reports_sparsity(setup, tmp_p
     out = tmp_path / "p"
     extra = ["--pattern", pattern] if pattern else ["--sparsity", "0.6"]
     assert main(["compress", str(src), "--method", "wanda", "--calib-samples", "4", "--calib-len", "32", "-o", str(out),
-                 "--data", str(corpus), "--eval-tokens", "256", "--context", "64", "--no-speed"] + extra) == 0
+                 "--format", "lmpress", "--data", str(corpus), "--eval-tokens", "256", "--context", "64", "--no-speed"] + extra) == 0
     printed = capsys.readouterr().out
     assert "stored sparse: " in printed and "q_proj" in printed
     again, _ = load_model(out)

@@ -29,17 +29,18 @@ def test_save_load_roundtrip_same_logits(saved):
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
-def test_save_refuses_existing_and_leaves_nothing_on_failure(saved, tmp_path):
+def test_save_refuses_existing_and_leaves_nothing_on_failure(saved, tmp_path, monkeypatch):
     model, out = saved
     with pytest.raises(InputError, match="already exists"):
         io.save_model(model, out)
 
-    def boom(tmp):
+    def boom(writer, model, tmp, metadata, tokenizer):
         (tmp / "partial.safetensors").write_bytes(b"xx")
         raise RuntimeError("interrupted")
 
+    monkeypatch.setattr(io, "_write", boom)
     with pytest.raises(RuntimeError):
-        io.save_model(model, tmp_path / "never", extra=boom)
+        io.save_model(model, tmp_path / "never")
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 

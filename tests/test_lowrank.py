@@ -6,7 +6,7 @@ from test_cli import _tok
 from tiny import tiny_model
 from torch import nn
 
-from lmpress import arch, stats
+from lmpress import arch, counts
 from lmpress import recipe as rc
 from lmpress.errors import InputError
 from lmpress.io import load_model
@@ -66,9 +66,9 @@ def test_factored_parameter_counts_add_up():
     assert ds.indices.dtype == torch.uint8 and ds.stored_bytes() == layer_bytes(24, 40, 12, 4) == 4 * (480 + 96) + 96
     assert DenseSparseLinear(8, 8, 300, 2).indices.dtype == torch.int16
     model = tiny_model("llama")
-    dense = stats.param_counts(model)
+    dense = counts.param_counts(model)
     info = rc.apply(model, rc.make_config("svd", ratio=0.5), rc.RunContext(progress=False))
-    after = stats.param_counts(model)
+    after = counts.param_counts(model)
     ranks = {n: v["rank"] for n, v in info["per_layer"].items()}
     expected = 0
     for name, r in ranks.items():
@@ -161,7 +161,7 @@ def test_dsformer_shape_fits_the_byte_budget():
     ("dsformer", {"k": 12, "s": 4, "iters": 1}, "qwen2"),
 ])
 def test_methods_save_then_load_identical_logits(tmp_path, method, options, kind):
-    from lmpress.formats import save_compressed
+    from lmpress.io import save_model
 
     model = tiny_model(kind)
     with torch.no_grad():
@@ -173,16 +173,16 @@ def test_methods_save_then_load_identical_logits(tmp_path, method, options, kind
         out = model(IDS).logits
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 1  # random tiny weights have flat spectra: large but bounded error
-    save_compressed(model, tmp_path / "m", recipe=[rc.to_dict(cfg)], tokenizer=_tok(tmp_path))
+    save_model(model, tmp_path / "m", format="lmpress", recipe=[rc.to_dict(cfg)], tokenizer=_tok(tmp_path))
     again, _ = load_model(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, out, rtol=0, atol=1e-6)
-    assert stats.param_counts(again).linear == stats.param_counts(model).linear
+    assert counts.param_counts(again).linear == counts.param_counts(model).linear
 
 
 def test_factorize_then_quantize_the_factors(tmp_path):
     """A recipe svd-llm -> rtn quantizes the two factors of each layer; save and load keep the logits."""
-    from lmpress.formats import save_compressed
+    from lmpress.io import save_model
 
     model = tiny_model("llama")
     recipe = [rc.make_config("svd-llm", ratio=0.6, rank_multiple=16, allocation="uniform"), rc.make_config("rtn", bits=4, group_size=16)]
@@ -192,7 +192,7 @@ def test_factorize_then_quantize_the_factors(tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, LowRankLinear) and q.rank % 16 == 0
     assert q.U.kind == "quant" and q.V.kind == "quant"
-    save_compressed(model, tmp_path / "m", recipe=[rc.to_dict(c) for c in recipe], tokenizer=_tok(tmp_path))
+    save_model(model, tmp_path / "m", format="lmpress", recipe=[rc.to_dict(c) for c in recipe], tokenizer=_tok(tmp_path))
     again, _ = load_model(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, model(IDS).logits, rtol=0, atol=1e-6)

@@ -191,9 +191,9 @@ def test_compress_api_saves_a_width_pruned_model_plain_transformers_loads(tmp_pa
     (tmp_path / "c.txt").write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 200}" for j in range(40)) for i in range(60)))
     data = DataConfig(corpus=str(tmp_path / "c.txt"), calib_samples=4, calib_len=16, eval_tokens=64)
     model = tiny_model("llama")
-    res = compress([make_config("prune-width", target_params=0.6)], model, _tok(), data=data, out=tmp_path / "o",
-                   measure=False, progress=False)
-    ref = _logits(res["model"])
-    assert res["model"].config.intermediate_size < 128
+    pruned, _ = compress(model, [make_config("prune-width", target_params=0.6)], _tok(), data=data, out=tmp_path / "o",
+                         measure=False, progress=False)
+    ref = _logits(pruned)
+    assert pruned.config.intermediate_size < 128
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()), ref)
     assert torch.equal(_logits(load_model(tmp_path / "o")[0]), ref)

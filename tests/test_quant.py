@@ -119,7 +119,7 @@ def test_quantlinear_matches_fake_quant():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_method_on_every_layout_and_gptq_beats_rtn(kind, tmp_path):
-    from lmpress.formats import save_compressed
+    from lmpress.io import save_model
     from lmpress.io import load_model
 
     base = tiny_model(kind)
@@ -139,7 +139,8 @@ def test_every_method_on_every_layout_and_gptq_beats_rtn(kind, tmp_path):
 def test_save_load_identical_logits_and_overrides(tmp_path):
     from conftest import ByteTokenizer  # noqa: F401  (tokenizer not needed for the weights path)
 
-    from lmpress.formats import load_compressed, save_compressed
+    from lmpress.formats import native
+    from lmpress.io import save_model
 
     model = tiny_model("llama")
     cfg = make_config("rtn", bits=4, group_size=32, head_bits=8,
@@ -149,14 +150,12 @@ def test_save_load_identical_logits_and_overrides(tmp_path):
     assert lin["model.layers.0.mlp.up_proj"].bits == 8 and lin["model.layers.1.mlp.up_proj"].bits == 4
     assert isinstance(lin["model.layers.2.self_attn.o_proj"], torch.nn.Linear)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
-    out = save_compressed(model, tmp_path / "q", recipe=[{"method": "rtn"}])
+    out = save_model(model, tmp_path / "q", format="lmpress", recipe=[{"method": "rtn"}])
     import json
-
-    from transformers import AutoConfig
 
     info = json.loads((out / "config.json").read_text())["lmpress"]
     assert info["layers"]["model.layers.0.mlp.up_proj"]["bits"] == 8
-    again = load_compressed(out, AutoConfig.from_pretrained(out), info)
+    again = native.read(out, json.loads((out / "config.json").read_text()))
     ids = torch.randint(3, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)

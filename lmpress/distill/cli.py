@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--student", default=None, help="student model folder (default: a copy of the teacher)")
     p.add_argument("--data", default=None, help="corpus: text file, folder of .txt, .jsonl (default: built-in Wikipedia)")
     p.add_argument("-o", "--output", required=True, help="output folder for the trained student (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier lmpress output at that path")
+    p.add_argument("--format", default="auto", help="output format: auto, hf, compressed-tensors, lmpress")
     p.add_argument("--loss", default="fkl", help="fkl, rkl, jsd, tv, skl, srkl, tsld, cakld, or ce (no teacher)")
     p.add_argument("--hidden-loss", choices=["mse", "cosine"], default=None, help="add a hint loss on hidden states")
     p.add_argument("--on-policy", type=float, default=0.0, help="fraction of steps on student-sampled continuations")
@@ -65,31 +66,24 @@ OPTIONS = ("loss", "hidden_loss", "on_policy", "temperature", "lr", "batch_size"
 
 
 def config_from_args(args):
-    import yaml
-
     from .. import recipe as rc
-    from ..errors import InputError
+    from ..cli import set_fields
 
     fields = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
     fields["tokens"] = parse_tokens(args.tokens)
     fields["data"] = args.source
-    for kv in args.set:
-        key, sep, val = kv.partition("=")
-        if not sep:
-            raise InputError(f"--set takes KEY=VALUE, got {kv!r}")
-        fields[key.replace("-", "_")] = yaml.safe_load(val)
-    return rc.make_config("distill", **fields)
+    return rc.make_config("distill", **{**fields, **set_fields(args.set)})
 
 
-def _save(student, out, tokenizer, cfg, overwrite: bool) -> str:
+def _save(student, args, tokenizer, cfg) -> str:
     from .. import recipe as rc
-    from ..formats import layer_metadata, save_compressed
+    from ..data import DataConfig
     from ..io import save_model
 
-    if layer_metadata(student):
-        steps = list(getattr(student, "lmpress_recipe", [])) + [rc.to_dict(cfg)]
-        return str(save_compressed(student, out, recipe=steps, tokenizer=tokenizer, overwrite=overwrite))
-    return str(save_model(student, out, tokenizer=tokenizer, overwrite=overwrite))
+    steps = list(getattr(student, "lmpress_recipe", [])) + [rc.to_dict(cfg)]
+    data = DataConfig(corpus=args.data, eval_tokens=args.eval_tokens, seed=cfg.seed)
+    return str(save_model(student, args.output, tokenizer=tokenizer, format=args.format, recipe=steps, data=data,
+                          overwrite=args.overwrite))
 
 
 def run(args) -> None:
@@ -100,9 +94,12 @@ def run(args) -> None:
     from ..io import load_model
     from .engine import dist_setup, distill, finish_fake_quant_
 
+    from ..cli import check_json_dest
+    from ..io import check_output
+
     cfg = config_from_args(args)
-    if Path(args.output).exists() and not args.overwrite:
-        raise InputError(f"{args.output} already exists; choose another output folder or pass --overwrite")
+    check_output(args.output, overwrite=args.overwrite, inputs=[args.teacher, args.student, args.data])
+    check_json_dest(args.json)
     rank, _ = dist_setup()
     kw = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     teacher, tok = load_model(args.teacher, **kw)
@@ -115,7 +112,7 @@ def run(args) -> None:
         student = _whole_student(args.student or args.teacher, kw, cfg, res.pop("student_state"))
     finish_fake_quant_(student, cfg)
     if rank == 0:
-        res["output"] = _save(student, args.output, tok, cfg, args.overwrite)
+        res["output"] = _save(student, args, tok, cfg)
         _report(res, args.json)
     if dist.is_initialized():
         dist.barrier()  # every rank done (rank 0 saving) before the process group goes

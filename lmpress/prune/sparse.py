@@ -178,3 +178,12 @@ def sparsify_(model: nn.Module, *, pattern: str | None = None, dtype=None, min_s
         arch.set_module(model, name, new)
         swapped[name] = sparsity
     return swapped
+
+
+def store_sparse_(model: nn.Module, cfg) -> dict:
+    """Finishing step of magnitude, Wanda and SparseGPT (their registry entry): the still-sparse
+    float linears become compact :class:`SparseLinear` layers (bitmask, or N:M indices plus values
+    for ``cfg.pattern``), so the model in memory and the saved one are the same whichever API made
+    them. Returns ``{"sparse_layers": {name: measured sparsity}}``."""
+    swapped = sparsify_(model, pattern=getattr(cfg, "pattern", None))
+    return {"sparse_layers": swapped} if swapped else {}
