@@ -29,3 +29,10 @@ class ByteTokenizer:
 @pytest.fixture
 def byte_tok():
     return ByteTokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the built C++ kernel (the ``kernel`` fixture) carry the ``cext`` marker."""
+    for item in items:
+        if "kernel" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cext)

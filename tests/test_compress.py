@@ -58,6 +58,7 @@ def test_cli_compress_then_eval(setup, tmp_path, capsys):
     assert 3 < figs["linear_bits_per_weight"] < 5
 
 
+@pytest.mark.compile
 def test_cli_eval_compiled_decode(setup, tmp_path):
     from lmpress.cli import main
 

@@ -192,6 +192,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path):
     t = teacher_model()
     s = truncated(t)

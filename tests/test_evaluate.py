@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from tiny import tiny_model
 
@@ -101,6 +102,7 @@ def test_bigbench_task_file_parsing(tmp_path):
         load_task(str(tmp_path / "bad.json"))
 
 
+@pytest.mark.compile
 def test_compiled_static_cache_decode_gives_the_eager_tokens():
     """The compiled fast path (static KV cache + torch.compile'd step) decodes the same greedy tokens."""
     model = tiny_model("llama")

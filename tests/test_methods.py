@@ -62,6 +62,21 @@ def test_compress_save_load_same_logits(setup, name, fmt):
     saved = again.lmpress_info
     assert saved["recipe"][0]["method"] == name and saved["data"]["calib_samples"] == 4
     assert report["output"] == str(out)
+    _plain_transformers_loads_it_right_or_refuses(out, saved["format"], model, ids)
+
+
+def _plain_transformers_loads_it_right_or_refuses(out, fmt, model, ids):
+    """A folder lmpress writes loads correctly in plain transformers, or transformers refuses it
+    with a message naming lmpress: never a silent load of random weights."""
+    from transformers import AutoModelForCausalLM
+
+    if fmt == "lmpress":
+        with pytest.raises(ValueError, match="lmpress"):
+            AutoModelForCausalLM.from_pretrained(out)
+        return
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
 
 
 def test_family_verbs_check_the_config():
