@@ -125,12 +125,14 @@ def compress(
     spec = None if hasattr(model, "config") else model
     if out is not None:
         check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
-    before_disk = _disk_bytes(spec) if spec is not None or model is None else None  # before anything is written
-    if spec is not None or model is None:
+    owned = spec is not None or model is None  # loaded here, so ours to change
+    before_disk = _disk_bytes(spec) if owned else None  # before anything is written
+    if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
     calib, stream = prepare(tokenizer, data, need_calib=calib_needed, need_eval=measure)
-    student = copy.deepcopy(model)
+    # the original stays for measuring, as the default teacher, and whenever the caller owns it
+    student = copy.deepcopy(model) if measure or teacher is None or not owned else model
     ctx = rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=teacher if teacher is not None else model,
                         data=data, progress=progress)
     steps = []
@@ -142,7 +144,9 @@ def compress(
     if out is not None:
         from .io import save_model
 
-        saved = save_model(student, out, tokenizer=tokenizer, format=format, recipe=recipe, data=data, overwrite=overwrite)
+        made = list(getattr(model, "lmpress_recipe", []))  # the steps that made the input, if lmpress did
+        saved = save_model(student, out, tokenizer=tokenizer, format=format, recipe=made + list(recipe), data=data,
+                           overwrite=overwrite)
     report = {"methods": steps, "output": str(saved) if saved else None}
     if measure:
         kw = dict(stream=stream, context=context, measure_speed=measure_speed, progress=progress)

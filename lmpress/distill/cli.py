@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -75,52 +74,48 @@ def config_from_args(args):
     return rc.make_config("distill", **{**fields, **set_fields(args.set)})
 
 
-def _save(student, args, tokenizer, cfg) -> str:
-    from .. import recipe as rc
-    from ..data import DataConfig
-    from ..io import save_model
-
-    steps = list(getattr(student, "lmpress_recipe", [])) + [rc.to_dict(cfg)]
-    data = DataConfig(corpus=args.data, eval_tokens=args.eval_tokens, seed=cfg.seed)
-    return str(save_model(student, args.output, tokenizer=tokenizer, format=args.format, recipe=steps, data=data,
-                          overwrite=args.overwrite))
-
-
 def run(args) -> None:
+    """The distill command: a one-entry recipe through :func:`lmpress.api.compress`, the teacher given
+    as the model to learn from. Under torchrun every rank trains and rank 0 saves; with FSDP the
+    sharded student is rebuilt whole from the gathered state before it is saved."""
     import torch.distributed as dist
 
-    from ..data import DataConfig, prepare
-    from ..errors import InputError
-    from ..io import load_model
-    from .engine import dist_setup, distill, finish_fake_quant_
-
+    from ..api import compress
     from ..cli import check_json_dest
-    from ..io import check_output
+    from ..data import DataConfig
+    from ..io import check_output, load_model, save_model
+    from .engine import dist_setup, finish_fake_quant_
 
     cfg = config_from_args(args)
     check_output(args.output, overwrite=args.overwrite, inputs=[args.teacher, args.student, args.data])
     check_json_dest(args.json)
-    rank, _ = dist_setup()
+    rank, world = dist_setup()
     kw = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     teacher, tok = load_model(args.teacher, **kw)
-    student, _ = load_model(args.student if args.student else args.teacher, **kw)
-    windows, cache = _data(cfg, teacher, tok, args.data, rank)
-    stream = prepare(tok, DataConfig(corpus=args.data, eval_tokens=args.eval_tokens), need_calib=False)[1] if cfg.eval_every else None
-    res = distill(student, teacher, cfg, windows=windows, cache=cache, eval_stream=stream, bos=tok.bos_token_id,
-                  progress=rank == 0)
-    if "student_state" in res:  # FSDP left the student sharded: rebuild it whole from the gathered state
-        student = _whole_student(args.student or args.teacher, kw, cfg, res.pop("student_state"))
-    finish_fake_quant_(student, cfg)
+    student = args.student or args.teacher  # a spec: compress loads the student's own copy
+    data = DataConfig(corpus=args.data, eval_tokens=args.eval_tokens, seed=cfg.seed)
+    _topk_cache_first(cfg, teacher, tok, args.data, rank)
+    sharded = world > 1 and cfg.fsdp
+    save = rank == 0 and not sharded
+    _, report = compress(student, [cfg], tok, teacher=teacher, data=data, out=args.output if save else None,
+                         format=args.format, overwrite=args.overwrite, measure=False, progress=rank == 0, **kw)
+    res = report["methods"][0]["info"]
+    res["output"] = report["output"]
+    if sharded:  # FSDP left the student sharded: rebuild it whole from the gathered state
+        whole = _whole_student(student, kw, cfg, res.pop("student_state"))
+        finish_fake_quant_(whole, cfg)
+        if rank == 0:
+            res["output"] = str(save_model(whole, args.output, tokenizer=tok, format=args.format,
+                                           recipe=[cfg], data=data, overwrite=args.overwrite))
     if rank == 0:
-        res["output"] = _save(student, args, tok, cfg)
         _report(res, args.json)
     if dist.is_initialized():
         dist.barrier()  # every rank done (rank 0 saving) before the process group goes
         dist.destroy_process_group()
 
 
-def _data(cfg, teacher, tok, corpus, rank: int):
-    """Training data; under torchrun rank 0 writes a top-k cache while the others wait, then read it."""
+def _topk_cache_first(cfg, teacher, tok, corpus, rank: int) -> None:
+    """Under torchrun rank 0 writes the top-k cache while the others wait; then every rank reads it."""
     import torch.distributed as dist
 
     from .engine import training_data
@@ -129,7 +124,6 @@ def _data(cfg, teacher, tok, corpus, rank: int):
         if rank == 0:
             training_data(cfg, teacher, tok, corpus, progress=True)
         dist.barrier()
-    return training_data(cfg, teacher, tok, corpus, progress=rank == 0)
 
 
 def _whole_student(spec, kw, cfg, state):
