@@ -25,6 +25,7 @@ _API = {
     "export": "lmpress.io",
     "distill": "lmpress.distill.engine",
     "DataConfig": "lmpress.data",
+    "prepare": "lmpress.data",
     "walk_blocks": "lmpress.calib",
     "LmpressError": "lmpress.errors",
     "InputError": "lmpress.errors",

@@ -184,7 +184,7 @@ def apply_(model, cfg, calib=None, *, tokenizer=None, teacher=None, progress: bo
     from .errors import InputError
 
     if rc.needs_calibration(cfg) and calib is None:
-        raise InputError(f"{cfg.method} needs calibration token ids: calib, _ = lmpress.data.prepare(tokenizer, DataConfig())")
+        raise InputError(f"{cfg.method} needs calibration token ids: calib, _ = lmpress.prepare(tokenizer, lmpress.DataConfig())")
     return rc.apply(model, cfg, rc.RunContext(calib=calib, tokenizer=tokenizer, teacher=teacher, progress=progress))
 
 

@@ -128,8 +128,29 @@ def _emit(dest, res) -> None:
     if dest == "-":
         print(json.dumps(res, indent=2))
     elif dest:
-        with open(dest, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(dest, res)
+
+
+def write_json(dest, obj) -> None:
+    """Write ``obj`` as JSON to ``dest`` atomically: a full disk leaves no empty or partial file."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .errors import LmpressError
+
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, dest)
+    except OSError as e:
+        os.unlink(tmp)
+        raise LmpressError(f"could not write {dest} ({e.strerror}); the figures are printed above") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def cmd_info(args) -> None:
@@ -260,7 +281,13 @@ COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": 
 def main(argv=None) -> int:
     from .errors import LmpressError
 
+    import signal
+
     args = _parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)  # a kill cleans up as Ctrl-C does
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         COMMANDS[args.cmd](args)
     except LmpressError as e:
@@ -269,7 +296,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lmpress: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

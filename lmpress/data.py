@@ -43,6 +43,13 @@ class DataConfig:
     eval_tokens: int = 4096
     seed: int = 0
 
+    def __post_init__(self):
+        for name, least in (("calib_samples", 1), ("calib_len", 2), ("eval_tokens", 2), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag} (DataConfig.{name}) must be a whole number of at least {least}, got {v!r}")
+
 
 def load_documents(spec: str | os.PathLike | None = None) -> list[str]:
     """Documents of a corpus: built-in name, text file, folder, or ``.jsonl`` file."""

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .progress import bar
 
 LOGIT_BYTES = 256 << 20  # logits held at once, bounds the batch of windows
@@ -29,6 +30,8 @@ LOGIT_BYTES = 256 << 20  # logits held at once, bounds the batch of windows
 
 def windows(stream: torch.Tensor, context: int, bos: int | None, stride: int | None = None):
     """``(ids (W, context), score_from)``: token windows and the first scored position per window."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        raise InputError(f"--context must be a whole number of at least 2 tokens, got {context!r}")
     body = context - (bos is not None)
     stride = stride or body
     rows, starts = [], []
@@ -36,7 +39,8 @@ def windows(stream: torch.Tensor, context: int, bos: int | None, stride: int | N
         rows.append(stream[s : s + body])
         starts.append(0 if i == 0 else body - stride)
     if not rows:
-        raise ValueError(f"the evaluation stream has {len(stream)} tokens, fewer than one window of {body}")
+        raise InputError(f"the evaluation stream has {len(stream)} tokens, fewer than one window of {body}: "
+                         "raise --eval-tokens or lower --context")
     ids = torch.stack(rows)  # (W, body)
     if bos is not None:
         ids = torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), ids], dim=1)  # (W, context)
@@ -86,6 +90,11 @@ class Agreement:
 
 def compare(model, reference, stream, *, context=512, bos=None, progress=False) -> Agreement:
     """Per-token KL divergence and top-1 agreement of ``model`` against ``reference``."""
+    vocab = [getattr(m.get_output_embeddings(), "out_features", None) if hasattr(m, "get_output_embeddings") else None
+             for m in (model, reference)]
+    if None not in vocab and vocab[0] != vocab[1]:
+        raise InputError(f"the reference model predicts {vocab[1]:,} tokens, the model {vocab[0]:,}: KL needs the same "
+                         "vocabulary; give a --reference with the model's tokenizer")
     ids, _ = windows(stream, context, bos)
     kl_sum, agree, count = 0.0, 0, 0
     ref_iter = _batches(reference, ids, False, "")

@@ -7,6 +7,7 @@ asked for.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -71,7 +72,18 @@ def load_model(
     else:
         model, tok = _load_folder(path, dtype, allow_pickle, trust_remote_code)
     model.eval()
+    check_finite(model, path)
     return model, tok
+
+
+def check_finite(model, where) -> None:
+    """Refuse a model with NaN or infinite weights: every figure computed from it would be wrong."""
+    import torch
+
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{where}: {name} holds NaN or infinite values; the checkpoint is damaged or was "
+                             "saved after a diverged run: use another checkpoint")
 
 
 def _check_folder(path: Path, allow_pickle: bool) -> dict:
@@ -127,7 +139,9 @@ def _check_decoder(config: Any, where: Path) -> None:
 
     archs = getattr(config, "architectures", None) or []
     causal_arch = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or config.model_type in ENCODER_ONLY or not causal_arch:
+    remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})  # trusted remote code
+    known = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or remote_causal
+    if not known or config.model_type in ENCODER_ONLY or not causal_arch:
         raise InputError(
             f"{where}: architecture {config.model_type!r} ({', '.join(archs) or 'no architectures listed'}) "
             "is not a decoder language model; lmpress compresses causal LMs such as Llama, "
@@ -183,14 +197,20 @@ def _from_pretrained(path: Path, dtype, allow_pickle: bool, trust_remote_code: b
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype or torch.float32,
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, RuntimeError, ValueError) as e:
         raise InputError(f"could not load the weights in {path}: {str(e).splitlines()[0][:300]}")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{path}: the weight files lack {len(missing)} tensor(s) the model needs ({', '.join(missing[:3])}); "
+                         "transformers would fill them with random values. The checkpoint is incomplete: save or fetch it again")
+    return model
 
 
 def _load_tokenizer(path: Path, **kw):
@@ -319,7 +339,8 @@ def _atomic_folder(out: Path, fill) -> Path:
     earlier one); on any failure remove the temporary folder and leave ``out`` as it was."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise InputError(f"cannot create the output folder beside {out} ({e.strerror}); choose another output folder")
     try:
@@ -338,6 +359,24 @@ def _atomic_folder(out: Path, fill) -> Path:
             raise InputError(f"could not write {out} ({e.strerror}); nothing was written, free space or choose another folder") from None
         raise
     return out
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary folders that killed saves of ``out`` left (their process is gone)."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = tmp.name[len(out.name) + 6:].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -118,10 +118,38 @@ def make_config(name: str, **fields):
     bad = sorted(set(fields) - known)
     if bad:
         raise InputError(f"method {name!r} has no option(s) {', '.join(bad)}; its options: {', '.join(sorted(known))}")
+    for key, value in fields.items():
+        _check_type(name, key, value, hints(cls)[key])
     try:
         return cls(**fields)
     except (TypeError, ValueError) as e:
         raise InputError(f"bad options for {name!r}: {e}")
+
+
+def hints(cls) -> dict:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_type(method: str, key: str, value, hint) -> None:
+    """A recipe value of the wrong type (``bits: 4.0``, ``group_size: '32'``) is a clear error, not a
+    traceback deep inside the method."""
+    import types
+    import typing
+
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    simple = [t for t in allowed if t in _WORDS]
+    if value is None and type(None) in allowed or len(simple) < len([t for t in allowed if t is not type(None)]):
+        return  # None where allowed; containers and other types are checked by the config itself
+    ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
+             or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in simple)
+    if not ok:
+        want = " or ".join(_WORDS[t] for t in simple) + (" or null" if type(None) in allowed else "")
+        raise InputError(f"method {method!r}: {key} must be {want}, got {value!r}")
 
 
 def to_dict(cfg) -> dict:

@@ -93,9 +93,7 @@ def test_prune_api_and_recipe_give_the_same_model(setup):
     cfg = lmpress.WandaConfig(sparsity=0.5)
     via_recipe, _ = lmpress.compress(src, [cfg], data=data, measure=False, progress=False)
     model, tok = lmpress.load_model(src)
-    from lmpress.data import prepare
-
-    calib, _ = prepare(tok, data, need_eval=False)
+    calib, _ = lmpress.prepare(tok, data, need_eval=False)
     lmpress.prune_(model, cfg, calib, progress=False)
     a = {k: v for k, v in model.state_dict().items()}
     b = via_recipe.state_dict()

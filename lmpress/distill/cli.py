@@ -147,5 +147,6 @@ def _report(res: dict, dest) -> None:
     if dest == "-":
         print(json.dumps(res, indent=2))
     elif dest:
-        with open(dest, "w") as f:
-            json.dump(res, f, indent=2)
+        from ..cli import write_json
+
+        write_json(dest, res)

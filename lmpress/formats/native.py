@@ -85,11 +85,18 @@ def read(path: Path, raw: dict) -> nn.Module:
     info = raw["lmpress"]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, meta in info.get("layers", {}).items():
-        meta = dict(meta)
-        arch.set_module(model, name, layer_class(meta.pop("kind")).empty(meta))
     state = load_file(str(path / "model.safetensors"))
-    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        for name, meta in info.get("layers", {}).items():
+            meta = dict(meta)
+            arch.set_module(model, name, layer_class(meta.pop("kind")).empty(meta))
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: the layer metadata in config.json does not match the tensors ({first}); "
+                         "the folder was edited or damaged: compress the model again") from None
     unknown = _restore_buffers(model, {k: state[k] for k in unexpected})
     if unknown:
         raise InputError(f"{path}: unexpected tensors {unknown[:3]}; the folder is not a consistent lmpress model")
