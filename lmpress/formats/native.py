@@ -59,7 +59,7 @@ def write(model: nn.Module, folder: Path, metadata: dict) -> None:
             "layers": layer_metadata(model)}
     cfg.update(model_type=REFUSAL, lmpress=info)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_file(_unique_state(model), str(folder / "model.safetensors"), metadata={"format": "pt", "lmpress": str(FORMAT_VERSION)})
+    save_file(_unique_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders several differently run to run
 
 
 def config_of(raw: dict, where: Path):
