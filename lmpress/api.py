@@ -140,6 +140,9 @@ def compress(
         t0 = time.perf_counter()
         info = rc.apply(student, cfg, ctx)
         steps.append({**rc.to_dict(cfg), "seconds": time.perf_counter() - t0, "info": info})
+    pruned = [i for i, c in enumerate(recipe) if rc.entry(c.method).finish]
+    if pruned and pruned[-1] < len(recipe) - 1:  # later steps may not keep the zeros: say what is left
+        steps[-1]["info"] = {**steps[-1]["info"], "final_sparsity": measured_sparsity(student)}
     saved = None
     if out is not None:
         from .io import save_model
@@ -154,6 +157,11 @@ def compress(
         report["before"]["disk_bytes"] = before_disk
         report["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
     return student, report
+
+
+def measured_sparsity(model) -> dict[str, float]:
+    """Fraction of exact zeros in each block linear's (dequantized) weight."""
+    return {n: float((arch.linear_weight(m) == 0).float().mean()) for n, m in arch.compressible_linears(model).items()}
 
 
 def _path_of(spec):

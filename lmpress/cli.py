@@ -155,8 +155,10 @@ def write_json(dest, obj) -> None:
 
 def cmd_info(args) -> None:
     from .api import describe
+    from .io import load_model
 
-    model, _ = _load(args)
+    model, _ = load_model(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                          tokenizer=False)  # info needs no tokenizer
     d = describe(model)
     if args.json:
         print(json.dumps(d, indent=2))
@@ -242,6 +244,12 @@ def cmd_compress(args) -> None:
         sparse = (step.get("info") or {}).get("sparse_layers")
         if sparse:
             print(_sparsity_summary(sparse))
+        final = (step.get("info") or {}).get("final_sparsity")
+        if final:
+            asked = ", ".join(f"{s['method']} {s.get('pattern') or s.get('sparsity')}" for s in res["methods"]
+                              if s.get("info", {}).get("sparse_layers"))
+            print(_sparsity_summary(final, f"zeros after all steps ({asked} asked; later steps may round "
+                                           "weights to or away from zero)"))
     if res["output"]:
         print(f"saved to {res['output']}")
     _emit(args.json, res)
@@ -249,12 +257,12 @@ def cmd_compress(args) -> None:
         print(table({"original": res["before"], "compressed": res["after"]}))
 
 
-def _sparsity_summary(sparse: dict[str, float]) -> str:
+def _sparsity_summary(sparse: dict[str, float], what: str = "stored sparse") -> str:
     """Measured sparsity per layer kind (min / mean / max over blocks); every layer is in --json."""
     kinds: dict[str, list[float]] = {}
     for name, v in sparse.items():
         kinds.setdefault(name.rsplit(".", 1)[-1], []).append(v)
-    lines = [f"stored sparse: {len(sparse)} layers (measured sparsity min / mean / max per layer kind)"]
+    lines = [f"{what}: {len(sparse)} layers (measured sparsity min / mean / max per layer kind)"]
     for k, vs in kinds.items():
         lines.append(f"  {k:<12} {min(vs):.3f} / {sum(vs) / len(vs):.3f} / {max(vs):.3f}  ({len(vs)} layers)")
     return "\n".join(lines)

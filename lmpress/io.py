@@ -58,11 +58,13 @@ def load_model(
     dtype: Any = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tokenizer: bool = True,
 ):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode on the CPU.
 
     ``spec`` is a built-in name (default ``smollm2-135m``), a Hugging Face folder (safetensors), a
     folder written by lmpress (packed quantized or factorized layers), or a ``.gguf`` file.
+    ``tokenizer=False``: the model alone (the tokenizer is None), for folders saved without one.
     """
     path = resolve_model_path(spec)
     if path.is_file():
@@ -70,7 +72,7 @@ def load_model(
             raise InputError(f"{path}: a model file must be .gguf; for other formats give the folder")
         model, tok = load_gguf(path)
     else:
-        model, tok = _load_folder(path, dtype, allow_pickle, trust_remote_code)
+        model, tok = _load_folder(path, dtype, allow_pickle, trust_remote_code, tokenizer)
     model.eval()
     check_finite(model, path)
     return model, tok
@@ -149,7 +151,7 @@ def _check_decoder(config: Any, where: Path) -> None:
         )
 
 
-def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool):
+def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool, tokenizer: bool = True):
     from . import formats
 
     raw = _check_folder(path, allow_pickle)
@@ -172,7 +174,7 @@ def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool)
         _check_decoder(model.config, path)
     model.lmpress_info = raw.get("lmpress") or {}  # the recipe and data that made it, kept by export
     model.lmpress_recipe = model.lmpress_info.get("recipe", [])
-    return model, _load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model, _load_tokenizer(path, trust_remote_code=trust_remote_code) if tokenizer else None
 
 
 def _check_remote_code(path: Path, raw: dict, trust_remote_code: bool) -> None:

@@ -106,3 +106,25 @@ def test_cli_prune_saves_compact_sparse_layers_and_reports_sparsity(setup, tmp_p
         zeros = (l.weight == 0).float().mean().item()
         assert zeros == pytest.approx(0.5 if pattern else 0.6, abs=0.02)
     assert folder_bytes(out) < folder_bytes(src)
+
+
+def test_cli_prune_then_quantize_reports_the_zeros_left(setup, tmp_path, capsys):
+    from lmpress.cli import main
+
+    src, corpus = setup
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- {method: wanda, sparsity: 0.5}\n- {method: rtn, bits: 4, group_size: 32}\n")
+    assert main(["compress", str(src), "--recipe", str(recipe), "--calib-samples", "4", "--calib-len", "32",
+                 "-o", str(tmp_path / "o"), "--no-eval", "--data", str(corpus)]) == 0
+    printed = capsys.readouterr().out
+    assert "zeros after all steps (wanda 0.5 asked" in printed
+
+
+def test_info_needs_no_tokenizer(tmp_path, capsys):
+    from tiny import tiny_model
+
+    from lmpress.cli import main
+
+    save_model(tiny_model("llama"), tmp_path / "m")  # no tokenizer saved
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
