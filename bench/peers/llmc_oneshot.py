@@ -13,7 +13,8 @@ Schemes (one string, parsed):
   ``{gptq|rtn|awq}-w{bits}[g{group}][-sym|-asym]``; no ``g``: one scale per output channel;
   default symmetric (llm-compressor's W4A16 default).
 
-The output folder holds fp32 safetensors with the weights as llm-compressor left them (quantized
+With ``--compressed`` the output is llm-compressor's own compressed-tensors folder, as its users
+get it. Otherwise the output folder holds fp32 safetensors with the weights as llm-compressor left them (quantized
 weights dequantized onto their grid, pruned weights zero), the config without any
 ``quantization_config`` and the tokenizer: ``lmpress.load_model(OUT)`` reads it in lmpress's venv.
 The last line printed is JSON with ``oneshot_seconds`` (wall time of the ``oneshot`` call alone).
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--scheme", required=True)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compressed", action="store_true",
+                    help="save llm-compressor's own compressed-tensors folder (save_compressed=True) instead of dense")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     p = parse_scheme(a.scheme)
@@ -126,7 +129,13 @@ def main() -> None:
     model = oneshot(model=model, dataset=ds, recipe=[modifier(p)], num_calibration_samples=len(ids),
                     max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=a.batch_size)
     seconds = time.perf_counter() - t0
-    save_dense(a.model, dense_state(model), a.out)
+    if a.compressed:
+        from transformers import AutoTokenizer
+
+        model.save_pretrained(a.out, save_compressed=True)
+        AutoTokenizer.from_pretrained(a.model).save_pretrained(a.out)
+    else:
+        save_dense(a.model, dense_state(model), a.out)
     print(json.dumps({"scheme": a.scheme, "oneshot_seconds": seconds, "calib_shape": list(ids.shape), **p}))
 
 
