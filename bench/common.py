@@ -1,12 +1,16 @@
-"""Shared helpers for the benchmark scripts: environment line, BENCHMARKS.md sections."""
+"""Shared helpers for the benchmark scripts: measuring through :func:`lmpress.evaluate`, saving a
+compressed model, the results file of finished rows (resume, ``--only``, the commit of each row),
+the environment line and the BENCHMARKS.md sections."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +60,92 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+def measure(model, tokenizer, stream, *, reference=None, model_path=None, speed_kw: dict | None = None, context: int = 512) -> dict:
+    """:func:`lmpress.evaluate`'s figures of ``model`` on ``stream`` (KL and top-1 against ``reference``,
+    ``disk_bytes`` of ``model_path``), no progress bars. ``speed_kw``: also the batch-1 prefill / decode
+    speed, from :func:`lmpress.evaluate.speed` with these arguments (evaluate itself times a 256-token
+    prompt, best of 3; several benchmarks document other prompt lengths and repeats); None: no speed."""
+    from lmpress.api import evaluate
+    from lmpress.evaluate import as_dict, speed
+
+    model.eval()  # a student comes back from training in train mode
+    res = evaluate(model, tokenizer, stream=stream, context=context, reference=reference, measure_speed=False,
+                   model_path=model_path, progress=False)
+    if speed_kw is not None:
+        res.update(as_dict(speed(model, **speed_kw)))
+    return res
+
+
+def measure_saved(folder, tokenizer, stream, reference, *, speed_kw: dict | None = None):
+    """Load ``folder`` back (what a user gets) and :func:`measure` it: ``(model, figures)``, the figures
+    with the ``folder``."""
+    from lmpress import load_model
+
+    model, _ = load_model(folder)
+    return model, {"folder": str(folder), **measure(model, tokenizer, stream, reference=reference, model_path=folder, speed_kw=speed_kw)}
+
+
+def save(model, out, tokenizer, recipe: list[dict]) -> Path:
+    """Save a compressed model the one way the benchmarks do (replacing ``out``); returns the folder."""
+    from lmpress.formats import save_compressed
+
+    return save_compressed(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=True)
+
+
+# ---- the results file ----------------------------------------------------------------------------
+
+MEASURED_BY = "lmpress.evaluate"  # the results files' mark: rows keyed by evaluate's names (perplexity, ...)
+
+
+class Results:
+    """A benchmark's finished rows, kept in the JSON file ``path`` (None: in memory only) so that an
+    interrupted run resumes: ``data`` is the whole file, ``rows`` its part under ``key`` (one dict a
+    row name). ``fresh`` discards what the file holds; ``only`` (a set of row names, or None for all)
+    selects the rows a run may measure; ``on_record()`` runs after every recorded row (a benchmark
+    rewrites its section as it goes)."""
+
+    def __init__(self, path, key: str, *, fresh: bool = False, only=None, label: str = "", on_record=None):
+        self.path = Path(path) if path else None
+        self.data = {} if fresh or not (self.path and self.path.exists()) else json.loads(self.path.read_text())
+        if self.data and self.data.get("measured_by") != MEASURED_BY:
+            raise SystemExit(f"{self.path} holds rows measured before the benchmarks measured through lmpress.evaluate "
+                             "(other keys): run again with --fresh (or without --resume), or move the file away")
+        self.data["measured_by"] = MEASURED_BY
+        self.key, self.only, self.label, self.on_record = key, only, label, on_record
+        self.rows = self.data.setdefault(key, {})
+
+    def save(self) -> None:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+    def wanted(self, name: str) -> bool:
+        """Selected by ``only`` and not measured yet."""
+        return (not self.only or name in self.only) and name not in self.rows
+
+    def record(self, name: str, row: dict) -> None:
+        """Keep ``row`` under ``name`` with the commit that measured it, save, report."""
+        row["commit"] = commit()  # rows cached from earlier invocations say which code measured them
+        self.rows[name] = row
+        self.save()
+        if self.on_record:
+            self.on_record()
+        print(f"{name}{self.label}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in row.items() if k != "info"), file=sys.stderr, flush=True)
+
+
+def provenance(rows: dict) -> str:
+    """A sentence naming the commit of each group of rows, when a table mixes invocations."""
+    by = {}
+    for name, x in rows.items():
+        by.setdefault(x.get("commit", "unrecorded"), []).append(name)
+    if len(by) < 2:
+        return ""
+    parts = [f"commit {c}: {', '.join(ns)}" for c, ns in by.items()]
+    return ("Rows come from more than one invocation of the command (finished rows are cached; a row is re-measured "
+            "by deleting it from the cache and running with --only): " + "; ".join(parts) + ".")

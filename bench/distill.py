@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import json
 import os
 import sys
 import time
@@ -33,89 +31,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, md_table, write_section  # noqa: E402
-
-
-def evaluate(model, teacher, stream, bos) -> dict:
-    """Perplexity (fp32) and KL to the teacher; the outer inference_mode restores the grad mode."""
-    from lmpress.evaluate import compare, perplexity
-
-    model.eval()
-    with torch.inference_mode():
-        ppl = perplexity(model, stream, context=512, bos=bos)
-        kl = compare(model, teacher, stream, context=512, bos=bos) if teacher is not None else None
-    return {"ppl": ppl.ppl, "kl": kl.kl if kl else 0.0, "top1": kl.top1 if kl else 1.0}
+from common import Results, environment, md_table, measure, write_section  # noqa: E402
 
 
 # ---- (a) width pruning ----------------------------------------------------------------------------
 
 
-def head_scores(attn, n_kv: int, head_dim: int) -> torch.Tensor:
-    """Activation-free importance of each query head: ||W_q[h]||_F * ||W_o[:, h]||_F. (n_heads,)"""
-    q = attn.q_proj.weight.view(-1, head_dim, attn.q_proj.weight.shape[1])  # (H, d, hidden)
-    o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, head_dim)  # (hidden, H, d)
-    return q.norm(dim=(1, 2)) * o.norm(dim=(0, 2))
+def make_pruned(teacher, tok):
+    """(student, how, info): ``lmpress.prune.structured``'s width pruning (Minitron activation importance)
+    of a copy of ``teacher`` to 75% of its non-embedding parameters, on 64 x 512 calibration tokens."""
+    from lmpress.api import apply_
+    from lmpress.data import DataConfig, prepare
+    from lmpress.prune.structured import WidthPruneConfig
 
-
-def mlp_scores(mlp) -> torch.Tensor:
-    """Activation-free importance of each MLP channel: ||gate_i|| * ||up_i|| * ||down[:, i]||. (inter,)"""
-    return mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
-
-
-def simple_width_prune(model, heads_per_kv: int, inter: int):
-    """Keep the top ``heads_per_kv`` query heads of each KV group and the top ``inter`` MLP channels
-    of every block (weight-norm importance, no calibration data); returns a new, uniform model."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(model.config)
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        s = head_scores(layer.self_attn, KV, d).view(KV, H // KV)  # (KV, heads per group)
-        keep_h = (s.topk(heads_per_kv, dim=1).indices.sort(dim=1).values + torch.arange(KV)[:, None] * (H // KV)).flatten()
-        rows = (keep_h[:, None] * d + torch.arange(d)).flatten()
-        sd[p + "self_attn.q_proj.weight"] = sd[p + "self_attn.q_proj.weight"][rows]
-        sd[p + "self_attn.o_proj.weight"] = sd[p + "self_attn.o_proj.weight"][:, rows]
-        keep_c = mlp_scores(layer.mlp).topk(inter).indices.sort().values
-        for n in ("gate_proj", "up_proj"):
-            sd[p + f"mlp.{n}.weight"] = sd[p + f"mlp.{n}.weight"][keep_c]
-        sd[p + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"][:, keep_c]
-    cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size = heads_per_kv * KV, d, inter
-    pruned = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    pruned.load_state_dict(sd, strict=False)
-    pruned.tie_weights()
-    return pruned.eval()
-
-
-def non_embedding_params(model) -> int:
-    from lmpress.counts import param_counts
-
-    c = param_counts(model)
-    return c.total - c.embedding
-
-
-def make_pruned(teacher, ctx_tok):
-    """(student, how): lmpress.prune.structured when it exists, else the simple pruning above."""
-    if importlib.util.find_spec("lmpress.prune") and importlib.util.find_spec("lmpress.prune.structured"):
-        from lmpress.data import DataConfig, prepare
-        from lmpress.prune.structured import WidthPruneConfig, prune_width_
-        from lmpress.recipe import RunContext
-
-        data = DataConfig(calib_samples=64)
-        calib, _ = prepare(ctx_tok, data, need_eval=False)
-        s = copy.deepcopy(teacher)
-        info = prune_width_(s, WidthPruneConfig(target_params=0.75),
-                            RunContext(calib=calib, tokenizer=ctx_tok, teacher=teacher, data=data, progress=True))
-        c = s.config
-        return s, (f"`lmpress.prune.structured.prune_width_(WidthPruneConfig(target_params=0.75))` (Minitron-style, "
-                   f"activation importance on {calib.shape[0]} x {calib.shape[1]} calibration tokens): "
-                   f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, MLP {c.intermediate_size}, "
-                   f"hidden {c.hidden_size}"), info
-    s = simple_width_prune(teacher, heads_per_kv=2, inter=1152)
-    return s, ("bench-local activation-free pruning (lmpress.prune.structured not available): query heads 9 -> 6 "
-               "(top 2 of 3 per KV group by |W_q| |W_o|), MLP 1536 -> 1152 channels (by |gate| |up| |down|)"), None
+    calib, _ = prepare(tok, DataConfig(calib_samples=64), need_eval=False)
+    s = copy.deepcopy(teacher)
+    info = apply_(s, WidthPruneConfig(target_params=0.75), calib, tokenizer=tok)
+    c = s.config
+    return s, (f"`lmpress.prune.structured.prune_width_(WidthPruneConfig(target_params=0.75))` (Minitron-style, "
+               f"activation importance on {calib.shape[0]} x {calib.shape[1]} calibration tokens): "
+               f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, MLP {c.intermediate_size}, "
+               f"hidden {c.hidden_size}"), info
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
@@ -141,11 +77,10 @@ A_LOSSES = {  # part (a) run name -> (label, DistillConfig fields)
 
 def part_a(teacher, tok, stream, windows, args, out: dict) -> None:
     """Width-prune, then train copies of the pruned model with each loss at each learning rate."""
-    bos = tok.bos_token_id
-    student, how, _ = make_pruned(teacher, tok)
+    student, how, info = make_pruned(teacher, tok)
     out["prune_how"] = how
-    out["params_teacher"], out["params_student"] = non_embedding_params(teacher), non_embedding_params(student)
-    out["pruned"] = evaluate(student, teacher, stream, bos)
+    out["params_teacher"], out["params_student"] = info["params_before"], info["params_after"]  # non-embedding, as the pruner counts
+    out["pruned"] = measure(student, tok, stream, reference=teacher)
     print("pruned:", out["pruned"], flush=True)
     steps = 3 * args.batch_size * args.seq_len  # bf16 autocast vs fp32 throughput, same run, 3 steps each
     for bf16 in (False, True):
@@ -160,7 +95,7 @@ def part_a(teacher, tok, stream, windows, args, out: dict) -> None:
             s = copy.deepcopy(student)
             res = train(s, teacher, windows, args, tokens=args.tokens_a, lr=lr, **kw)
             run = {"name": name, "lr": lr, "ce_weight": kw.get("ce_weight", 0.0), "train": res,
-                   "eval": evaluate(s, teacher, stream, bos)}
+                   "eval": measure(s, tok, stream, reference=teacher)}
             out["a_runs"].append(run)
             print(name, lr, run["eval"], res["tokens_per_s"], flush=True)
 
@@ -172,12 +107,11 @@ def part_b(teacher, tok, stream, windows, args, out: dict) -> None:
     from lmpress.distill.qat import materialize_fake_quant_, to_fake_quant_
     from lmpress.recipe import RunContext, apply, make_config
 
-    bos = tok.bos_token_id
     for name, init in (("rtn", None), ("rtn_mse", "mse")):
         s = copy.deepcopy(teacher)
         to_fake_quant_(s, 2, 64, init_clip=init)
         materialize_fake_quant_(s)
-        out[f"b_{name}"] = evaluate(s, teacher, stream, bos)
+        out[f"b_{name}"] = measure(s, tok, stream, reference=teacher)
         print(name, out[f"b_{name}"], flush=True)
         del s
     calib, _ = prepare(tok, DataConfig(calib_samples=args.calib_samples), need_eval=False)
@@ -185,13 +119,13 @@ def part_b(teacher, tok, stream, windows, args, out: dict) -> None:
     t0 = time.perf_counter()
     apply(s, make_config("gptq", bits=2, group_size=64), RunContext(calib=calib, progress=True))
     out["b_gptq_seconds"] = time.perf_counter() - t0
-    out["b_gptq"] = evaluate(s, teacher, stream, bos)
+    out["b_gptq"] = measure(s, tok, stream, reference=teacher)
     print("gptq", out["b_gptq"], flush=True)
     out["b_qat_train"] = train(s, teacher, windows, args, loss=args.loss_b, tokens=args.tokens_b, lr=args.lr_b,
                                clip_lr=args.clip_lr_b, qat_bits=2, qat_group_size=64, qat_learn_clip=True,
                                qat_init_clip=None)
     materialize_fake_quant_(s)
-    out["b_qat"] = evaluate(s, teacher, stream, bos)
+    out["b_qat"] = measure(s, tok, stream, reference=teacher)
     print("qat", out["b_qat"], flush=True)
 
 
@@ -226,18 +160,18 @@ to the original model on the evaluation documents (context 512, 4,088 scored tok
 
 def _report_a(r, args) -> str:
     t, p, runs = r["teacher"], r["pruned"], r["a_runs"]
-    gap = p["ppl"] - t["ppl"]
-    rec = lambda x: 100 * (p["ppl"] - x["ppl"]) / gap  # noqa: E731
-    rows = [["original (teacher)", "-", f(t["ppl"]), "0", "-", "-", "-"],
-            ["width-pruned to 75%", "-", f(p["ppl"]), f(p["kl"], 3), "0", "-", "-"]]
+    gap = p["perplexity"] - t["perplexity"]
+    rec = lambda x: 100 * (p["perplexity"] - x["perplexity"]) / gap  # noqa: E731
+    rows = [["original (teacher)", "-", f(t["perplexity"]), "0", "-", "-", "-"],
+            ["width-pruned to 75%", "-", f(p["perplexity"]), f(p["kl"], 3), "0", "-", "-"]]
     for x in runs:
         label = A_LOSSES[x["name"]][0].replace("cross-entropy", f"{x['ce_weight']:g} x cross-entropy", 1) \
             if x["name"] == "kdce" else A_LOSSES[x["name"]][0]
-        rows.append([f"pruned + {label}", f"{x['lr']:g}", f(x["eval"]["ppl"]), f(x["eval"]["kl"], 3),
+        rows.append([f"pruned + {label}", f"{x['lr']:g}", f(x["eval"]["perplexity"]), f(x["eval"]["kl"], 3),
                      f"{x['train']['tokens']:,}", f"{rec(x['eval']):.0f}%", f"{x['train']['tokens_per_s']:.0f}"])
     best = {}
     for x in runs:
-        if x["name"] not in best or x["eval"]["ppl"] < best[x["name"]]["eval"]["ppl"]:
+        if x["name"] not in best or x["eval"]["perplexity"] < best[x["name"]]["eval"]["perplexity"]:
             best[x["name"]] = x
     tps = {n: sum(x["train"]["tokens_per_s"] for x in runs if x["name"] == n) / sum(x["name"] == n for x in runs)
            for n in best}
@@ -266,10 +200,10 @@ def _verdict_a(best: dict, rec) -> str:
     for n in ("kd", "kdce"):
         if n in best:
             x = best[n]["eval"]
-            beats = x["ppl"] < ce["ppl"]
+            beats = x["perplexity"] < ce["perplexity"]
             lines.append(f"- {A_LOSSES[n][0]} at its best learning rate ({best[n]['lr']:g}): recovers {rec(x):.0f}% of the gap "
-                         f"(at least half: {'met' if rec(x) >= 50 else 'NOT met'}); perplexity {x['ppl']:.2f} vs cross-entropy's "
-                         f"best {ce['ppl']:.2f} (lr {best['ce']['lr']:g}): {'beats it' if beats else 'does NOT beat it'}; "
+                         f"(at least half: {'met' if rec(x) >= 50 else 'NOT met'}); perplexity {x['perplexity']:.2f} vs cross-entropy's "
+                         f"best {ce['perplexity']:.2f} (lr {best['ce']['lr']:g}): {'beats it' if beats else 'does NOT beat it'}; "
                          f"KL to the teacher {x['kl']:.3f} vs {ce['kl']:.3f}.")
     return "Figures, each method at its best learning rate of the table:\n\n" + "\n".join(lines)
 
@@ -277,13 +211,13 @@ def _verdict_a(best: dict, rec) -> str:
 def _report_b(r, args) -> str:
     t, bq = r["teacher"], r["b_qat_train"]
     rows_b = [
-        ["float (teacher)", f(t["ppl"]), "0", "1.000", "-"],
-        ["RTN W2 g64 (min-max, post-training)", f(r["b_rtn"]["ppl"]), f(r["b_rtn"]["kl"], 3), f(r["b_rtn"]["top1"], 3), "0"],
-        ["RTN W2 g64 + MSE clipping search (post-training)", f(r["b_rtn_mse"]["ppl"]), f(r["b_rtn_mse"]["kl"], 3),
+        ["float (teacher)", f(t["perplexity"]), "0", "1.000", "-"],
+        ["RTN W2 g64 (min-max, post-training)", f(r["b_rtn"]["perplexity"]), f(r["b_rtn"]["kl"], 3), f(r["b_rtn"]["top1"], 3), "0"],
+        ["RTN W2 g64 + MSE clipping search (post-training)", f(r["b_rtn_mse"]["perplexity"]), f(r["b_rtn_mse"]["kl"], 3),
          f(r["b_rtn_mse"]["top1"], 3), "0"],
-        [f"GPTQ W2 g64 (post-training, {args.calib_samples} x 512 calibration tokens, {r['b_gptq_seconds']:.0f} s)", f(r["b_gptq"]["ppl"]),
+        [f"GPTQ W2 g64 (post-training, {args.calib_samples} x 512 calibration tokens, {r['b_gptq_seconds']:.0f} s)", f(r["b_gptq"]["perplexity"]),
          f(r["b_gptq"]["kl"], 3), f(r["b_gptq"]["top1"], 3), "0"],
-        [f"GPTQ W2 g64, then QAT + distillation ({args.loss_b.upper()}, learnable clipping)", f(r["b_qat"]["ppl"]),
+        [f"GPTQ W2 g64, then QAT + distillation ({args.loss_b.upper()}, learnable clipping)", f(r["b_qat"]["perplexity"]),
          f(r["b_qat"]["kl"], 3), f(r["b_qat"]["top1"], 3), f"{bq['tokens']:,}"],
     ]
     return f"""(b) Grid: asymmetric per group of 64 input columns, W ≈ (q - z) s, q in [0, 3], fp16 scales, every
@@ -315,8 +249,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--report-only", action="store_true", help="rewrite the section from --json without running")
     args = ap.parse_args()
+    if args.report_only and not args.json:
+        ap.error("--report-only rewrites the section from the results of --json FILE: give it")
     if args.report_only:
-        body = report(json.loads(Path(args.json).read_text()), args)
+        body = report(Results(args.json, "runs").data, args)
         print(body)
         if not args.no_write:
             write_section("distill", body)
@@ -332,8 +268,9 @@ def main() -> None:
     _, stream = prepare(tok, DataConfig(eval_tokens=4096), need_calib=False)
     rows = -(-max(args.tokens_a, args.tokens_b) // args.seq_len)
     windows = corpus_windows(tok, None, seq_len=args.seq_len, max_rows=rows, seed=0)
-    r = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
-    r.update(teacher=evaluate(teacher, None, stream, tok.bos_token_id), train_rows=len(windows))
+    results = Results(args.json, "runs")  # the parts of earlier --only runs, merged
+    r = results.data
+    r.update(teacher=measure(teacher, tok, stream), train_rows=len(windows))
     print("teacher:", r["teacher"], flush=True)
     if args.only != "b":
         part_a(teacher, tok, stream, windows, args, r)
@@ -341,9 +278,8 @@ def main() -> None:
         part_b(teacher, tok, stream, windows, args, r)
     info = {"command": "python bench/distill.py " + " ".join(sys.argv[1:]), "minutes": (time.perf_counter() - t0) / 60,
             "load": (load_start, os.getloadavg()[0])}
-    r.setdefault("runs", {}).update({k: info for k in ("ab" if args.only is None else args.only)})
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2, default=str))
+    for part in "ab" if args.only is None else args.only:
+        results.record(part, dict(info))  # saves the parts' figures with it
     body = report(r, args)
     print(body)
     if not args.no_write:

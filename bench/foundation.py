@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from common import environment, md_table, write_section  # noqa: E402
+from common import environment, md_table, measure, write_section  # noqa: E402
 
 PIPELINE = r"""
 import json, resource, time, torch
@@ -49,19 +49,15 @@ def main() -> None:
     torch.set_num_threads(2)
     from lmpress import load_model
     from lmpress.data import DataConfig, prepare
-    from lmpress.evaluate import compare, perplexity, speed
 
     t = time.perf_counter()
     model, tok = load_model()
     load_s = time.perf_counter() - t
     _, stream = prepare(tok, DataConfig(eval_tokens=4096), need_calib=False)
-    bos = tok.bos_token_id
-    rows = []
-    for ctx in (512, 1024):
-        p = perplexity(model, stream, context=ctx, bos=bos)
-        rows.append([ctx, f"{p.ppl:.3f}", p.tokens, f"{p.seconds:.1f}"])
-    kl = compare(model, model, stream, context=512, bos=bos)
-    sp = speed(model, prompt_tokens=256, new_tokens=32, repeats=3)
+    at = {512: measure(model, tok, stream, reference=model, speed_kw=dict(prompt_tokens=256, new_tokens=32, repeats=3)),
+          1024: measure(model, tok, stream, context=1024)}
+    rows = [[ctx, f"{m['perplexity']:.3f}", m["eval_tokens"], f"{m['eval_seconds']:.1f}"] for ctx, m in at.items()]
+    f512 = at[512]  # KL to itself and speed measured with it
     out = subprocess.run([sys.executable, "-c", PIPELINE], capture_output=True, text=True, check=True)
     pipe = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 1 << 30
@@ -76,9 +72,9 @@ Command: `python bench/foundation.py`. Model: SmolLM2-135M-Instruct (built-in `s
 | figure | value |
 |---|---|
 | model load time (safetensors folder) | {load_s:.1f} s |
-| KL(model ‖ itself), nats/token | {kl.kl:.2e} (top-1 agreement {kl.top1:.4f}) |
-| prefill tokens/s, batch 1, 256-token prompt | {sp.prefill_tps:.0f} |
-| decode tokens/s, batch 1, greedy, KV cache | {sp.decode_tps:.1f} |
+| KL(model ‖ itself), nats/token | {f512['kl']:.2e} (top-1 agreement {f512['top1']:.4f}) |
+| prefill tokens/s, batch 1, 256-token prompt | {f512['prefill_tps']:.0f} |
+| decode tokens/s, batch 1, greedy, KV cache | {f512['decode_tps']:.1f} |
 | calibration pipeline over all 30 blocks, {pipe['calib_shape'][0]} x {pipe['calib_shape'][1]} tokens, X^T X per linear | {pipe['walk_seconds']:.0f} s |
 | peak RSS of that pipeline run (fresh process) | {pipe['peak_rss'] / gib:.2f} GiB (after loading model and data: {pipe['rss_before_walk'] / gib:.2f} GiB) |
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import commit, environment, md_table, write_section  # noqa: E402
+from common import Results, environment, md_table, measure_saved, provenance, save, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMC_PY = Path("/work/peers/llmc/bin/python")
@@ -56,61 +57,39 @@ PEERS = ["wanda-0.5", "sparsegpt-0.5", "wanda-2:4", "sparsegpt-2:4"]
 
 
 class Bench:
+    """The default model, its calibration and evaluation tokens, and the rows (a :class:`Results`
+    file keyed by the calibration draw)."""
+
     def __init__(self, args):
         from lmpress import load_model
         from lmpress.data import DataConfig, prepare
         from lmpress.io import resolve_model_path
 
         self.args = args
-        self.context = 512
         self.model_dir = resolve_model_path(None)
         self.base, self.tok = load_model()
         self.seed = args.calib_seed
         self.data = DataConfig(calib_samples=args.calib_samples, seed=self.seed)
         self.calib, self.stream = prepare(self.tok, self.data)
-        self.cache_file = Path(args.cache)
+        cache_file = Path(args.cache)
         # saved models, kept for the speed pass
-        self.tmp = self.cache_file.parent / ("models" if self.seed == 0 else f"models-seed{self.seed}")
+        self.tmp = cache_file.parent / ("models" if self.seed == 0 else f"models-seed{self.seed}")
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.cache = {} if args.fresh or not self.cache_file.exists() else json.loads(self.cache_file.read_text())
         self.base_key = f"calib{tuple(self.calib.shape)}"  # the main tables: calibration draw (seed) 0
         self.key = self.base_key + (f" seed={self.seed}" if self.seed else "")
-        self.rows = self.cache.setdefault(self.key, {})
+        rewrite = None if args.no_write else (lambda: write_section("prune", report(self)))  # a long run reports as it goes
+        self.results = Results(cache_file, self.key, fresh=args.fresh, only=args.only, label=f" (calibration draw {self.seed})",
+                               on_record=rewrite)
+        self.cache, self.rows = self.results.data, self.results.rows
+        self.wanted, self.record = self.results.wanted, self.results.record
         self.shared: dict = {}
 
-    def save(self):
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        self.cache_file.write_text(json.dumps(self.cache, indent=1))
-
-    def wanted(self, name):
-        return (not self.args.only or name in self.args.only) and name not in self.rows
-
-    # ---- measuring a saved model -------------------------------------------------------------
     def measure(self, folder: Path, decode: bool = True, **extra) -> dict:
-        from lmpress import load_model
-        from lmpress.evaluate import compare, perplexity, speed
-        from lmpress.io import folder_bytes
-        from lmpress.counts import param_counts
-
-        model, _ = load_model(folder)  # measure what was saved, after a round trip
-        bos = self.tok.bos_token_id
-        ppl = perplexity(model, self.stream, context=self.context, bos=bos)
-        agr = compare(model, self.base, self.stream, context=self.context, bos=bos)
-        sp = speed(model, repeats=3) if decode else None  # other calibration draws: quality and time only
-        counts = param_counts(model)
+        """The saved model measured after a round trip; decode speed (best of 3) only when ``decode``
+        (other calibration draws: quality and time only)."""
+        model, row = measure_saved(folder, self.tok, self.stream, self.base, speed_kw={"repeats": 3} if decode else None)
         nonzero = sum(int((p != 0).sum()) for p in _weights(model))
-        return {"folder": str(folder), "loadavg_1min": __import__("os").getloadavg()[0], "ppl": ppl.ppl, "kl": agr.kl, "top1": agr.top1, "params": counts.total, "nonzero_params": nonzero,
-                "params_embedding": counts.embedding, "disk_bytes": folder_bytes(folder), "decode_tps": sp and sp.decode_tps,
-                "prefill_tps": sp and sp.prefill_tps, **extra}
-
-    def record(self, name, res):
-        res["commit"] = commit()  # rows cached from earlier invocations say which code measured them
-        self.rows[name] = res
-        self.save()
-        if not self.args.no_write:  # the section is rewritten after every row: a long run reports as it goes
-            write_section("prune", report(self))
-        print(f"{name} (calibration draw {self.seed}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items() if k != "info"),
-              file=sys.stderr, flush=True)
+        return {**row, "loadavg_1min": os.getloadavg()[0], "nonzero_params": nonzero, **extra}
 
     # ---- rows ------------------------------------------------------------------------------------
     def original(self):
@@ -119,7 +98,6 @@ class Bench:
 
     def unstructured(self, names):
         from lmpress import recipe as rc
-        from lmpress.formats import save_compressed
         from lmpress.prune.sparse import sparsify_
 
         for name, method, kw in UNSTRUCTURED:
@@ -131,7 +109,7 @@ class Bench:
             info = rc.apply(model, cfg, rc.RunContext(calib=self.calib, progress=True))
             seconds = time.perf_counter() - t0
             sparsify_(model, pattern=cfg.pattern)
-            out = save_compressed(model, self.tmp / name, recipe=[rc.to_dict(cfg)], tokenizer=self.tok, overwrite=True)
+            out = save(model, self.tmp / name, self.tok, [rc.to_dict(cfg)])
             del model
             self.record(name, self.measure(out, decode=self.seed == 0, prune_seconds=seconds, sparsity=info["sparsity"],
                                            min_layer_sparsity=min(info["sparsity_per_layer"].values()),
@@ -189,7 +167,6 @@ class Bench:
         import numpy as np
 
         from lmpress import load_model
-        from lmpress.formats import save_compressed
         from lmpress.prune.sparse import sparsify_
 
         if not LLMC_PY.exists():
@@ -214,8 +191,7 @@ class Bench:
             lin = _weights(model)
             sparsity = sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
             sparsify_(model, pattern=scheme.split("-")[1] if ":" in scheme else None)
-            out = save_compressed(model, self.tmp / name, recipe=[{"method": "llm-compressor", "scheme": scheme}], tokenizer=self.tok,
-                                  overwrite=True)
+            out = save(model, self.tmp / name, self.tok, [{"method": "llm-compressor", "scheme": scheme}])
             del model
             self.record(name, self.measure(out, decode=self.seed == 0, prune_seconds=peer["oneshot_seconds"], sparsity=sparsity))
 
@@ -246,23 +222,11 @@ class Bench:
             self.rows[n].update({f"decode_tps{sfx or '_interleaved'}": max(tps[n]), f"speedup_rounds{sfx}": ratios,
                                  f"speedup_median{sfx}": statistics.median(ratios)})
         self.rows["original"][f"speed_rounds{sfx}"] = rounds
-        self.save()
+        self.results.save()
         if not self.args.no_write:
             write_section("prune", report(self))
         print(f"interleaved{' compiled' if compiled else ''} decode tok/s (best) and median speed-up: "
               + ", ".join(f"{n} {max(tps[n]):.1f} {self.rows[n][f'speedup_median{sfx}']:.3f}x" for n in names), file=sys.stderr)
-
-
-def _provenance(rows: dict) -> str:
-    """A sentence naming the commit of each group of rows, when the table mixes invocations."""
-    by = {}
-    for name, x in rows.items():
-        by.setdefault(x.get("commit", "unrecorded"), []).append(name)
-    if len(by) < 2:
-        return ""
-    parts = [f"commit {c}: {', '.join(ns)}" for c, ns in by.items()]
-    return ("Rows come from more than one invocation of the command (finished rows are cached; a row is re-measured "
-            "by deleting it from the cache and running with --only): " + "; ".join(parts) + ".")
 
 
 def _find_folder(name: str) -> Path:
@@ -348,11 +312,11 @@ def draws_report(bench: Bench) -> str:
         if len(got) < 2:
             continue
         for seed, a, b in got:
-            table.append([s, seed, f"{a['ppl']:.3f}", f"{b['ppl']:.3f}", f"{a['ppl'] - b['ppl']:+.3f}", f"{a['prune_seconds']:.0f}",
+            table.append([s, seed, f"{a['perplexity']:.3f}", f"{b['perplexity']:.3f}", f"{a['perplexity'] - b['perplexity']:+.3f}", f"{a['prune_seconds']:.0f}",
                           f"{b['prune_seconds']:.0f}"])
         A, B = [a for _, a, _ in got], [b for _, _, b in got]
-        table.append([f"**{s}**", f"mean of {len(got)}", f"{_mean(A, 'ppl'):.3f}", f"{_mean(B, 'ppl'):.3f}",
-                      f"{_mean(A, 'ppl') - _mean(B, 'ppl'):+.3f}", f"{_mean(A, 'prune_seconds'):.0f}", f"{_mean(B, 'prune_seconds'):.0f}"])
+        table.append([f"**{s}**", f"mean of {len(got)}", f"{_mean(A, 'perplexity'):.3f}", f"{_mean(B, 'perplexity'):.3f}",
+                      f"{_mean(A, 'perplexity') - _mean(B, 'perplexity'):+.3f}", f"{_mean(A, 'prune_seconds'):.0f}", f"{_mean(B, 'prune_seconds'):.0f}"])
     if not table:
         return ""
     n, L = bench.calib.shape
@@ -384,7 +348,7 @@ def report(bench: Bench) -> str:
 
     def row(name, label):
         x = r[name]
-        return [label, f"{x['ppl']:.2f}", f"{x['ppl'] - base['ppl']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
+        return [label, f"{x['perplexity']:.2f}", f"{x['perplexity'] - base['perplexity']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
                 f"{x['nonzero_params'] / 1e6:.1f}M", _mb(x["disk_bytes"]), f"{x['decode_tps']:.1f}",
                 f"{x['decode_tps'] / speed0:.2f}x", f"{x['prune_seconds']:.0f}"]
 
@@ -405,7 +369,7 @@ def report(bench: Bench) -> str:
         x = r[name]
         what = (f"kv groups {x['shape']['groups']}/3, MLP {x['shape']['intermediate']}, hidden {x['shape']['hidden']}"
                 if "shape" in x else f"blocks {x['dropped']}")
-        t2.append([name, f"{x['ppl']:.2f}", f"{x['ppl'] - base['ppl']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
+        t2.append([name, f"{x['perplexity']:.2f}", f"{x['perplexity'] - base['perplexity']:+.2f}", f"{x['kl']:.3f}", f"{x['top1']:.3f}",
                    f"{x['params'] / 1e6:.1f}M", f"{x['params_non_embedding'] / 1e6:.1f}M", what, _mb(x["disk_bytes"]),
                    f"{_dec(x):.1f}", _speedup_cell(x, base), _compiled_cell(x), f"{x['prune_seconds']:.0f}",
                    "yes" if x["plain_transformers"] else "NO"])
@@ -434,7 +398,7 @@ its defaults (float32). `sparsegpt-0.5+w4g64` is SparseGPT's joint mode: 50% spa
 (included in each row's time), the cosine and activation depth rows share one pipeline pass (likewise). The
 `-hidden` rows keep 87.5% of the hidden channels (`hidden: 0.875`; the embedding and tied head shrink with them) and
 cut heads and MLP channels to the same 75% / 50% of the non-embedding parameters.
-Machine: {environment()}. {_provenance(r)}
+Machine: {environment()}. {provenance(r)}
 
 ### Unstructured and 2:4 sparsity of all block linears (50%; and 60% with each per-block allocation)
 
@@ -455,7 +419,7 @@ update; same lambda); the allocation pass is included in the pruning time.
 
 def targets(bench: Bench) -> str:
     r = bench.cache[bench.base_key]
-    base = r["original"]["ppl"]
+    base = r["original"]["perplexity"]
     lines = ["### The issue's figures", ""]
     every = ["original"] + [n for n, _, _ in UNSTRUCTURED] + [f"llmc-{p}" for p in PEERS] + [n for n, _ in WIDTH] + [n for n, _ in DEPTH]
     missing = [n for n in every if n not in r]
@@ -467,7 +431,7 @@ def targets(bench: Bench) -> str:
                   "other processes shared the cores, so wall times and speeds are inflated and noisy.", ""]
 
     def inc(name):
-        return r[name]["ppl"] - base
+        return r[name]["perplexity"] - base
 
     if all(f"{m}-0.5" in r for m in ("magnitude", "wanda", "sparsegpt")):
         for m in ("wanda", "sparsegpt"):
@@ -490,13 +454,13 @@ def targets(bench: Bench) -> str:
         if not got or got[0][0] != 0:
             continue
         A, B = [a for _, a, _ in got], [b for _, _, b in got]
-        a, b, t_a, t_b = _mean(A, "ppl"), _mean(B, "ppl"), _mean(A, "prune_seconds"), _mean(B, "prune_seconds")
+        a, b, t_a, t_b = _mean(A, "perplexity"), _mean(B, "perplexity"), _mean(A, "prune_seconds"), _mean(B, "prune_seconds")
         ok_p, ok_t = a <= b, t_a <= t_b
         over = f"mean of {len(got)} calibration draws" if len(got) > 1 else "one calibration draw"
         lines.append(f"- {s} ({over}): perplexity {a:.3f} vs llm-compressor {b:.3f} ({'met' if ok_p else 'NOT met'}); "
                      f"time {t_a:.0f} s vs {t_b:.0f} s ({'met' if ok_t else 'NOT met'}).")
     if all(n in r for n in ALLOCATION_ROWS):
-        u, o, se = (r[n]["ppl"] for n in ALLOCATION_ROWS)
+        u, o, se = (r[n]["perplexity"] for n in ALLOCATION_ROWS)
         lines.append(f"- Per-block allocation at 60% (informational, no target): perplexity uniform {u:.2f}, OWL {o:.2f}, "
                      f"sensitivity {se:.2f}.")
     if "wanda-0.5" in r:

@@ -8,9 +8,11 @@ perplexity at context 512 of the pruned model in memory (no save / reload), and 
 Used to choose SparseGPT's ``sequential`` default; prints one line per variant.
 """
 import copy, sys, time, torch
+from pathlib import Path
 from lmpress import load_model, recipe as rc
 from lmpress.data import DataConfig, prepare
-from lmpress.evaluate import perplexity
+sys.path.insert(0, str(Path(__file__).parent))
+from common import measure  # noqa: E402
 torch.set_num_threads(2)
 method, seed = sys.argv[1], int(sys.argv[2])
 base, tok = load_model()
@@ -24,5 +26,5 @@ for spec in sys.argv[3:]:
     t0 = time.perf_counter()
     rc.apply(m, cfg, rc.RunContext(calib=calib, progress=False))
     s = time.perf_counter() - t0
-    p = perplexity(m, stream, context=512, bos=tok.bos_token_id).ppl
+    p = measure(m, tok, stream)["perplexity"]
     print(method, seed, spec, f"ppl={p:.3f} seconds={s:.0f}", flush=True)

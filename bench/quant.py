@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, environment, md_table, write_section  # noqa: E402
+from common import ROOT, Results, environment, md_table, measure, measure_saved, save, write_section  # noqa: E402
 
 # (label, bits, group size, method), most informative first: the table is rewritten after every row
 PLAN = [
@@ -47,32 +47,17 @@ PEER_PYTHON = Path("/work/peers/llmc/bin/python")
 PEER_SCRIPT = ROOT / "bench" / "peers" / "llmc_oneshot.py"
 
 
+SPEED = dict(prompt_tokens=64, new_tokens=32, repeats=3)  # the documented decode protocol (evaluate's own: a 256-token prompt)
+
+
 def run_method(float_model, method, bits, group, calib, **extra):
-    from lmpress.recipe import RunContext, apply, make_config
+    from lmpress.recipe import RunContext, apply, make_config, to_dict
 
     model = copy.deepcopy(float_model)
     cfg = make_config(method, bits=bits, group_size=group, **extra)
     t0 = time.perf_counter()
     apply(model, cfg, RunContext(calib=calib, progress=False))
-    return model, time.perf_counter() - t0
-
-
-def measure(model, float_model, stream, bos, tmp, tok, with_speed):
-    from lmpress.evaluate import compare, perplexity, speed
-    from lmpress.formats import save_compressed
-    from lmpress.io import folder_bytes
-    from lmpress.counts import param_counts
-
-    out = save_compressed(model, Path(tmp) / f"m{time.monotonic_ns()}", recipe=[], tokenizer=tok)
-    row = {
-        "ppl": perplexity(model, stream, context=512, bos=bos).ppl,
-        "kl": compare(model, float_model, stream, context=512, bos=bos).kl,
-        "bpw": param_counts(model).linear_bits_per_weight,
-        "disk": folder_bytes(out),
-    }
-    if with_speed:
-        row["decode"] = speed(model, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps
-    return row
+    return model, time.perf_counter() - t0, [to_dict(cfg)]
 
 
 def run_peer(scheme, model_dir, calib_file, tmp):
@@ -87,6 +72,83 @@ def run_peer(scheme, model_dir, calib_file, tmp):
     return (out, info["oneshot_seconds"]), None
 
 
+class Run:
+    """The float model, the tokens and the rows of one invocation (rows ``label|method`` in a
+    :class:`Results` file; ``data["fspeed"]``: the float model's decode speeds, ``data["later"]``: rows
+    measured by a later ``--redo`` run than the others)."""
+
+    def __init__(self, args):
+        from lmpress.data import DataConfig, prepare
+        from lmpress.evaluate import speed
+        from lmpress.io import load_model, resolve_model_path
+
+        self.args = args
+        self.model_dir = resolve_model_path(None)
+        self.fm, self.tok = load_model(self.model_dir)
+        self.calib, self.stream = prepare(self.tok, DataConfig(calib_samples=args.calib_samples))
+        self.float_row = measure(self.fm, self.tok, self.stream, model_path=self.model_dir)
+        self.results = Results(None if args.quick else args.cache, "rows", fresh=not args.resume)
+        self.rows, data = self.results.rows, self.results.data
+        for k in args.redo:
+            self.rows.pop(k, None)
+        self.later = set(data.get("later", [])) | set(args.redo)
+        data["later"] = sorted(self.later)
+        self.fspeed = data.setdefault("fspeed", [])
+        self.fspeed.append(speed(self.fm, **SPEED).decode_tps)
+
+    def peer(self, bits, group, calib_file, tmp) -> dict:
+        got, err = run_peer(f"gptq-w{bits}g{group}-asym", self.model_dir, calib_file, tmp)
+        if got is None:
+            return {"error": err}
+        _, row = measure_saved(got[0], self.tok, self.stream, self.fm)
+        return {**row, "seconds": got[1]}
+
+    def ours(self, label, bits, group, method, tmp) -> dict:
+        from lmpress.evaluate import speed
+
+        extra = {"head_bits": 8} if method == "gptq+head8" else {}
+        m, secs, recipe = run_method(self.fm, method.split("+")[0], bits, group, self.calib, **extra)
+        with_speed = method == SPEED_METHOD.get(label, "gptq") or method == "gptq+head8"
+        out = save(m, Path(tmp) / f"m{time.monotonic_ns()}", self.tok, recipe)
+        row = {**measure(m, self.tok, self.stream, reference=self.fm, model_path=out, speed_kw=SPEED if with_speed else None),
+               "seconds": secs}
+        del m
+        if with_speed:
+            self.fspeed.append(speed(self.fm, **SPEED).decode_tps)
+        return row
+
+    def plan(self, tmp) -> None:
+        from lmpress.quant import kernels
+
+        calib_file = Path(tmp) / "calib.npy"
+        np.save(calib_file, self.calib.numpy())
+        for label, bits, group, method in PLAN[:4] if self.args.quick else PLAN:
+            name = f"{label}|{method}"
+            if not self.results.wanted(name) or (method == "llmc" and self.args.no_peer):
+                continue
+            row = self.peer(bits, group, calib_file, tmp) if method == "llmc" else self.ours(label, bits, group, method, tmp)
+            self.results.record(name, row)
+            if not self.args.quick:
+                self.write(kernels.backend_name(), done=False)
+
+    def time128(self) -> None:
+        """The time target is at 128 x 512 calibration tokens."""
+        from lmpress.data import DataConfig, prepare
+
+        if not self.results.wanted("time128|gptq"):
+            return
+        calib128, _ = prepare(self.tok, DataConfig(calib_samples=128), need_eval=False)
+        m, secs, _ = run_method(self.fm, "gptq", 4, 64, calib128)
+        self.results.record("time128|gptq", {"seconds": secs, **measure(m, self.tok, self.stream)})
+
+    def write(self, kinfo, done) -> None:
+        def key(name):
+            return tuple(name.split("|"))
+
+        results = {key(k): v for k, v in self.rows.items()}
+        write(results, self.float_row, self.fspeed, {key(k) for k in self.later}, kinfo, self.args, done)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -99,74 +161,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     from lmpress.quant import kernels
-    from lmpress.data import DataConfig, prepare
-    from lmpress.evaluate import compare, perplexity, speed
-    from lmpress.io import folder_bytes, load_model, resolve_model_path
-    from lmpress.counts import param_counts
 
-    model_dir = resolve_model_path(None)
-    fm, tok = load_model(model_dir)
-    calib, stream = prepare(tok, DataConfig(calib_samples=args.calib_samples))
-    bos = tok.bos_token_id
-    pc = param_counts(fm)
-    fspeed = [speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps]
-    float_row = {"ppl": perplexity(fm, stream, context=512, bos=bos).ppl, "kl": 0.0, "bpw": 32.0, "disk": folder_bytes(model_dir)}
-    results = {}
-    if args.resume and Path(args.cache).exists():
-        saved = json.loads(Path(args.cache).read_text())
-        fspeed = saved["fspeed"] + fspeed
-        results = {tuple(k.split("|")): v for k, v in saved["rows"].items() if k not in args.redo}
-        for k in args.redo:
-            later.add(tuple(k.split("|")))
-        later.update(tuple(k.split("|")) for k in saved.get("later", []))
+    run = Run(args)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        calib_file = Path(tmp) / "calib.npy"
-        np.save(calib_file, calib.numpy())
-        for label, bits, group, method in PLAN[:4] if args.quick else PLAN:
-            if (label, method) in results:
-                continue
-            if method == "llmc":
-                if args.no_peer:
-                    continue
-                got, err = run_peer(f"gptq-w{bits}g{group}-asym", model_dir, calib_file, tmp)
-                if got is None:
-                    results[(label, method)] = {"error": err}
-                else:
-                    pm, _ = load_model(got[0])
-                    results[(label, method)] = {"ppl": perplexity(pm, stream, context=512, bos=bos).ppl,
-                                                "kl": compare(pm, fm, stream, context=512, bos=bos).kl, "seconds": got[1]}
-                    del pm
-            else:
-                extra = {"head_bits": 8} if method == "gptq+head8" else {}
-                m, secs = run_method(fm, method.split("+")[0], bits, group, calib, **extra)
-                with_speed = method == SPEED_METHOD.get(label, "gptq") or method == "gptq+head8"
-                r = measure(m, fm, stream, bos, tmp, tok, with_speed=with_speed)
-                r["seconds"] = secs
-                results[(label, method)] = r
-                del m
-                if with_speed:
-                    fspeed.append(speed(fm, prompt_tokens=64, new_tokens=32, repeats=3).decode_tps)
-            print(label, method, results[(label, method)], flush=True)
-            if not args.quick:
-                _save(args.cache, results, fspeed)
-                write(results, float_row, fspeed, pc, kernels.backend_name(), args, done=False)
-        if not args.quick and ("time128", "gptq") not in results:  # the time target is at 128 x 512 tokens
-            calib128, _ = prepare(tok, DataConfig(calib_samples=128), need_eval=False)
-            m, secs = run_method(fm, "gptq", 4, 64, calib128)
-            results[("time128", "gptq")] = {"seconds": secs, "ppl": perplexity(m, stream, context=512, bos=bos).ppl}
-            del m
-            print("time128", results[("time128", "gptq")], flush=True)
-            _save(args.cache, results, fspeed)
+        run.plan(tmp)
         if not args.quick:
-            write(results, float_row, fspeed, pc, kernels.backend_name(), args, done=True)
-
-
-later: set = set()  # rows measured by a later --redo run than the others
-
-
-def _save(path, results, fspeed) -> None:
-    rows = {"|".join(k): v for k, v in results.items()}
-    Path(path).write_text(json.dumps({"rows": rows, "fspeed": fspeed, "later": ["|".join(k) for k in later]}, indent=1))
+            run.time128()
+            run.write(kernels.backend_name(), done=True)
 
 
 def _checks(results, float_row) -> str:
@@ -174,32 +175,32 @@ def _checks(results, float_row) -> str:
     out = []
     r3, g3 = results.get(("W3 g64", "rtn")), results.get(("W3 g64", "gptq"))
     if r3 and g3:
-        ratio = (g3["ppl"] - float_row["ppl"]) / (r3["ppl"] - float_row["ppl"])
-        out.append(f"- GPTQ W3 g64 perplexity increase over float: {g3['ppl'] - float_row['ppl']:.2f} vs RTN's "
-                   f"{r3['ppl'] - float_row['ppl']:.2f}: ratio {ratio:.2f} (target: at most 0.50).")
-    w2 = {m: r for (l, m), r in results.items() if l == "W2 g64" and "ppl" in r}
+        ratio = (g3["perplexity"] - float_row["perplexity"]) / (r3["perplexity"] - float_row["perplexity"])
+        out.append(f"- GPTQ W3 g64 perplexity increase over float: {g3['perplexity'] - float_row['perplexity']:.2f} vs RTN's "
+                   f"{r3['perplexity'] - float_row['perplexity']:.2f}: ratio {ratio:.2f} (target: at most 0.50).")
+    w2 = {m: r for (l, m), r in results.items() if l == "W2 g64" and "perplexity" in r}
     if w2:
-        best = min(w2, key=lambda m: w2[m]["ppl"])
-        out.append(f"- Best post-training W2 g64: {best.upper()}, perplexity {w2[best]['ppl']:.2f}, KL {w2[best]['kl']:.3f} "
+        best = min(w2, key=lambda m: w2[m]["perplexity"])
+        out.append(f"- Best post-training W2 g64: {best.upper()}, perplexity {w2[best]['perplexity']:.2f}, KL {w2[best]['kl']:.3f} "
                    "(the number quantization-aware distillation has to beat).")
     t = results.get(("time128", "gptq"))
     if t:
         out.append(f"- GPTQ W4 g64 with 128 x 512 calibration tokens: {t['seconds']:.0f} s wall time (target: under 600 s), "
-                   f"perplexity {t['ppl']:.3f}.")
+                   f"perplexity {t['perplexity']:.3f}.")
     return "\n".join(out)
 
 
-def write(results, float_row, fspeed, pc, kinfo, args, done) -> None:
+def write(results, float_row, fspeed, later, kinfo, args, done) -> None:
     fdec = sum(fspeed) / len(fspeed)
-    rows = [["float (fp32)", "-", f"{float_row['ppl']:.3f}", "0", "32.00", f"{float_row['disk'] / 1e6:.1f}", "-", f"{fdec:.1f} (1.00x)"]]
+    rows = [["float (fp32)", "-", f"{float_row['perplexity']:.3f}", "0", f"{float_row['linear_bits_per_weight']:.2f}", f"{float_row['disk_bytes'] / 1e6:.1f}", "-", f"{fdec:.1f} (1.00x)"]]
     for (label, method), r in results.items():
         if method == "llmc" or label == "time128":
             continue
         note = " †" if label == "W4 g32" else ""
-        dec = f"{r['decode']:.1f} ({r['decode'] / fdec:.2f}x)" if "decode" in r else "same storage as GPTQ"
+        dec = f"{r['decode_tps']:.1f} ({r['decode_tps'] / fdec:.2f}x)" if "decode_tps" in r else "same storage as GPTQ"
         name = ("GPTQ, 8-bit head" if method == "gptq+head8" else method.upper()) + (" ‡" if (label, method) in later else "")
-        rows.append([label + note, name, f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['bpw']:.2f}",
-                     f"{r['disk'] / 1e6:.1f}", f"{r['seconds']:.1f}", dec])
+        rows.append([label + note, name, f"{r['perplexity']:.3f}", f"{r['kl']:.4f}", f"{r['linear_bits_per_weight']:.2f}",
+                     f"{r['disk_bytes'] / 1e6:.1f}", f"{r['seconds']:.1f}", dec])
     peer_rows = []
     for (label, method), p in results.items():
         if method != "llmc" or label == "time128":
@@ -209,12 +210,12 @@ def write(results, float_row, fspeed, pc, kinfo, args, done) -> None:
             peer_rows.append([label, "not run: " + p["error"], "", "", "", ""])
             continue
         mark = " ‡" if (label, method) in later else ""
-        peer_rows.append([label + mark, f"{p['ppl']:.3f}", f"{p['kl']:.4f}", f"{p['seconds']:.0f}",
-                          f"{ours['ppl']:.3f} / {ours['kl']:.4f} / {ours['seconds']:.0f}",
+        peer_rows.append([label + mark, f"{p['perplexity']:.3f}", f"{p['kl']:.4f}", f"{p['seconds']:.0f}",
+                          f"{ours['perplexity']:.3f} / {ours['kl']:.4f} / {ours['seconds']:.0f}",
                           f"{ours['seconds'] / p['seconds']:.2f}x"])
-    linear_fp32, emb = 4 * pc.linear, 4 * pc.embedding
+    linear_fp32, emb = 4 * float_row["params_linear"], 4 * float_row["params_embedding"]
     w4 = results.get(("W4 g64", "gptq"))
-    size = (f"Size check (W4 g64, GPTQ): {w4['disk'] / 1e6:.1f} MB on disk vs the target 0.30 x fp32 block-linear bytes "
+    size = (f"Size check (W4 g64, GPTQ): {w4['disk_bytes'] / 1e6:.1f} MB on disk vs the target 0.30 x fp32 block-linear bytes "
             f"({linear_fp32 / 1e6:.1f} MB) + fp32 embedding ({emb / 1e6:.1f} MB) = {(0.3 * linear_fp32 + emb) / 1e6:.1f} MB.") if w4 else ""
     checks = _checks(results, float_row)
     status = "" if done else f"\n**Partial run: {len(results)} of {len(PLAN)} planned rows were measured when this table was written.**\n"
