@@ -90,11 +90,12 @@ def measure_saved(folder, tokenizer, stream, reference, *, speed_kw: dict | None
     return model, {"folder": str(folder), **measure(model, tokenizer, stream, reference=reference, model_path=folder, speed_kw=speed_kw)}
 
 
-def save(model, out, tokenizer, recipe: list[dict]) -> Path:
-    """Save a compressed model the one way the benchmarks do (replacing ``out``); returns the folder."""
-    from lmpress.formats import save_compressed
+def save(model, out, tokenizer, recipe: list[dict], format: str = "lmpress") -> Path:
+    """Save a compressed model the one way the benchmarks do (replacing ``out``); returns the folder.
+    Default: lmpress's own layout, the one the tables' disk sizes were measured in."""
+    from lmpress.io import save_model
 
-    return save_compressed(model, out, recipe=recipe, tokenizer=tokenizer, overwrite=True)
+    return save_model(model, out, tokenizer=tokenizer, format=format, recipe=recipe, overwrite=True)
 
 
 # ---- the results file ----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ the non-embedding parameters (heads + MLP, and heads + MLP + hidden channels), d
 of 30 blocks with each importance measure, and llm-compressor's Wanda and SparseGPT at 50% and 2:4
 on the same calibration tokens, side by side; and Wanda at 60% with uniform, OWL and sensitivity
 allocation of the sparsity over the blocks. Every pruned model is saved (sparse layers as
-``SparseLinear`` via ``formats.save_compressed``; structured ones with plain ``save_pretrained``),
+``SparseLinear`` via ``io.save_model(format="lmpress")``; structured ones with plain ``save_pretrained``),
 loaded back, and the loaded model is measured: perplexity at context 512, KL and top-1 agreement
 against the original, parameters, size on disk, batch-1 decode tokens/s, and the pruning wall time.
 
@@ -98,7 +98,6 @@ class Bench:
 
     def unstructured(self, names):
         from lmpress import recipe as rc
-        from lmpress.prune.sparse import sparsify_
 
         for name, method, kw in UNSTRUCTURED:
             if name not in names or not self.wanted(name):
@@ -106,9 +105,8 @@ class Bench:
             model = copy.deepcopy(self.base)
             cfg = rc.make_config(method, **kw)
             t0 = time.perf_counter()
-            info = rc.apply(model, cfg, rc.RunContext(calib=self.calib, progress=True))
+            info = rc.apply(model, cfg, rc.RunContext(calib=self.calib, progress=True))  # with store_sparse_
             seconds = time.perf_counter() - t0
-            sparsify_(model, pattern=cfg.pattern)
             out = save(model, self.tmp / name, self.tok, [rc.to_dict(cfg)])
             del model
             self.record(name, self.measure(out, decode=self.seed == 0, prune_seconds=seconds, sparsity=info["sparsity"],

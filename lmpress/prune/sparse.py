@@ -16,7 +16,7 @@ compact form is for storage; decode speed is that of the dense layer).
 Example::
 
     sparsify_(model)                          # swap pruned nn.Linear layers for SparseLinear
-    formats.save_compressed(model, "out", recipe=[...], tokenizer=tok)
+    lmpress.save_model(model, "out", format="lmpress", recipe=[...], tokenizer=tok)
 """
 
 from __future__ import annotations
