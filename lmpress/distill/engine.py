@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..quant.grid import BITS
 from . import data as D
 from . import losses as L
 
@@ -106,7 +107,7 @@ class DistillConfig:
     qat_learn_clip: bool = True
     qat_init_clip: str | None = "mse"
     clip_lr: float | None = None  # learning rate of the QAT clipping ratios (None: lr)
-    qat_output: str = "packed"  # after training: "packed" QuantLinear layers (bits 2/3/4/8) or "float" nn.Linear
+    qat_output: str = "packed"  # after training: "packed" QuantLinear layers (bits in grid.BITS) or "float" nn.Linear
 
     def __post_init__(self):
         if self.loss not in L.LOSS_NAMES + ("ce",):
@@ -135,8 +136,8 @@ class DistillConfig:
             raise ValueError(f"qat_bits must be 1-8 or None, got {self.qat_bits}")
         if self.qat_output not in ("packed", "float"):
             raise ValueError(f"qat_output must be 'packed' or 'float', got {self.qat_output!r}")
-        if self.qat_bits and self.qat_output == "packed" and self.qat_bits not in (2, 3, 4, 8):
-            raise ValueError(f"packed output holds 2, 3, 4 or 8 bits, not {self.qat_bits}; use qat_output='float'")
+        if self.qat_bits and self.qat_output == "packed" and self.qat_bits not in BITS:
+            raise ValueError(f"packed output holds {BITS} bits, not {self.qat_bits}; use qat_output='float'")
 
 
 def _positive(cfg, *names):
