@@ -156,6 +156,30 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
                 windows=w, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_written_for_other_models(tmp_path):
+    """A checkpoint holds the fingerprints of the initial student and teacher: another model is an error."""
+    from tiny import tiny_model
+
+    t, w = teacher_model(), windows(8)
+    s0 = truncated(t)
+    cfg = DistillConfig(tokens=2 * 4 * L_SEQ, batch_size=4, seq_len=L_SEQ, lr=2e-3, checkpoint_dir=str(tmp_path / "ck"))
+    first_s = copy.deepcopy(s0)
+    first = distill(first_s, t, cfg, windows=w, progress=False)
+    with pytest.raises(InputError, match=r"another student .*--checkpoint-dir.* delete .*ck to start over"):
+        distill(truncated(tiny_model("llama", seed=1)), t, cfg, windows=w, progress=False)
+    with pytest.raises(InputError, match="another teacher"):
+        distill(copy.deepcopy(s0), tiny_model("llama", seed=1), cfg, windows=w, progress=False)
+    resumed_s = copy.deepcopy(s0)
+    resumed = distill(resumed_s, t, cfg, windows=w, progress=False)
+    assert resumed["resumed_from"] == 2 and [r["loss"] for r in resumed["history"]] == [r["loss"] for r in first["history"]]
+    assert all(torch.equal(a, b) for a, b in zip(first_s.state_dict().values(), resumed_s.state_dict().values()))
+    ck_path = tmp_path / "ck" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=True)
+    torch.save({**ck, "version": 1}, ck_path)  # written before the fingerprints existed
+    with pytest.raises(InputError, match="older lmpress"):
+        distill(copy.deepcopy(s0), t, cfg, windows=w, progress=False)
+
+
 # ---- two processes (gloo) against one ----------------------------------------------------------------
 
 DDP_CFG = dict(loss="tsld", hidden_loss="mse", tokens=3 * 4 * L_SEQ, batch_size=4, seq_len=L_SEQ, lr=2e-3)

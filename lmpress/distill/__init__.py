@@ -3,8 +3,11 @@
 * :mod:`lmpress.distill.losses` -- the loss library (pure functions on logits / hidden states).
 * :mod:`lmpress.distill.data` -- corpus windows, teacher-written and on-policy sequences, the
   cached teacher top-k and its loss.
-* :mod:`lmpress.distill.engine` -- :class:`DistillConfig`, :func:`distill` (the training loop:
-  checkpoints, resume, DDP/FSDP under torchrun) and the recipe entry :func:`distill_`.
+* :mod:`lmpress.distill.engine` -- :class:`DistillConfig`, :func:`distill` (the training loop) and
+  the recipe entry :func:`distill_`;
+  :mod:`lmpress.distill.step` -- forward passes and one optimizer step;
+  :mod:`lmpress.distill.checkpoint` -- checkpoints, resume, and the identity a checkpoint is valid for;
+  :mod:`lmpress.distill.parallel` -- DDP/FSDP and global sums under torchrun.
 * :mod:`lmpress.distill.qat` -- :class:`FakeQuantLinear` (straight-through estimator) for
   quantization-aware distillation.
 

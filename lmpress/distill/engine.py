@@ -18,47 +18,36 @@ Python::
     from lmpress.distill import DistillConfig, distill
     res = distill(student, teacher, DistillConfig(loss="tsld", tokens=200_000), windows=ids, eval_stream=stream, bos=1)
 
-One optimizer step reads a *global batch* of ``batch_size`` windows of ``seq_len`` tokens (picked
-by :func:`lmpress.distill.data.batch_rows` from the step number alone), split over the processes
-and then into ``grad_accum`` micro-batches. Each loss term is summed over its tokens (TSLD: its
-sequences) and divided by the global count, so the gradient is the same whatever the number of
-processes or micro-batches. AdamW, linear warmup then cosine decay to ``min_lr * lr``, gradient
-clipping. A student holding :class:`lmpress.distill.qat.FakeQuantLinear` layers is trained through
-their straight-through estimator (``qat_bits`` inserts them).
+Each optimizer step (:mod:`lmpress.distill.step`) reads a global batch of ``batch_size`` windows
+of ``seq_len`` tokens, normalised so that the gradient is the same whatever the number of processes
+or micro-batches. AdamW, linear warmup then cosine decay to ``min_lr * lr``, gradient clipping. A
+student holding :class:`lmpress.distill.qat.FakeQuantLinear` layers is trained through their
+straight-through estimator (``qat_bits`` inserts them).
 
-Checkpoints (``checkpoint_dir/checkpoint.pt``, written to a temporary file then renamed) hold the
-student (and hidden-state projections), optimizer, scheduler, torch RNG state, the step (the data
-position), the loss history and a digest of the training windows; a run pointed at a folder
-holding one resumes from it and reproduces the uninterrupted run's losses bit for bit.
-
-Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the gloo process group is initialised and the
-student wrapped in ``DistributedDataParallel`` (or FSDP2 ``fully_shard`` with ``fsdp=True``).
+With ``checkpoint_dir`` the run is checkpointed and resumes bit for bit
+(:mod:`lmpress.distill.checkpoint`); a checkpoint written for other settings, data, student or
+teacher is refused. Under ``torchrun`` the trained modules are wrapped in DDP or FSDP2
+(:mod:`lmpress.distill.parallel`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..quant.grid import BITS
 from . import data as D
 from . import losses as L
-
-TRAJECTORY_FIELDS = ("loss", "temperature", "label_smoothing", "beta", "alpha", "tsld_tau", "gamma", "ce_weight",
-                     "hidden_loss", "hidden_weight", "attention_weight", "tokens", "batch_size", "seq_len", "lr",
-                     "weight_decay", "warmup", "min_lr", "grad_clip", "on_policy", "prompt_len",
-                     "sample_temperature", "seed", "bf16", "qat_bits", "qat_group_size", "qat_learn_clip",
-                     "qat_init_clip", "clip_lr", "data", "topk")
+from .checkpoint import identity, load_checkpoint, save_checkpoint
+from .parallel import dist_setup, gather_student, wrap  # dist_setup: lmpress.distill.cli imports it from here
+from .step import Run, Trainee, fetch, forward, hint_projection, train_step
 
 
 @dataclass(frozen=True)
@@ -106,7 +95,7 @@ class DistillConfig:
     qat_learn_clip: bool = True
     qat_init_clip: str | None = "mse"
     clip_lr: float | None = None  # learning rate of the QAT clipping ratios (None: lr)
-    qat_output: str = "packed"  # after training: "packed" QuantLinear layers (bits 2/3/4/8) or "float" nn.Linear
+    qat_output: str = "packed"  # after training: "packed" QuantLinear layers (bits in grid.BITS) or "float" nn.Linear
 
     def __post_init__(self):
         if self.loss not in L.LOSS_NAMES + ("ce",):
@@ -135,8 +124,8 @@ class DistillConfig:
             raise ValueError(f"qat_bits must be 1-8 or None, got {self.qat_bits}")
         if self.qat_output not in ("packed", "float"):
             raise ValueError(f"qat_output must be 'packed' or 'float', got {self.qat_output!r}")
-        if self.qat_bits and self.qat_output == "packed" and self.qat_bits not in (2, 3, 4, 8):
-            raise ValueError(f"packed output holds 2, 3, 4 or 8 bits, not {self.qat_bits}; use qat_output='float'")
+        if self.qat_bits and self.qat_output == "packed" and self.qat_bits not in BITS:
+            raise ValueError(f"packed output holds {BITS} bits, not {self.qat_bits}; use qat_output='float'")
 
 
 def _positive(cfg, *names):
@@ -155,250 +144,7 @@ def total_steps(cfg: DistillConfig) -> int:
     return math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
 
 
-# ---- forward passes ---------------------------------------------------------------------------
-
-
-def _takes(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def forward(model: nn.Module, ids, *, hidden: bool = False, attention: bool = False) -> dict:
-    """``{"logits": (B, T, V), "hidden": tuple or None, "attentions": tuple or None}`` of any model:
-    a Hugging Face causal LM, or any module returning logits or an object with ``.logits``."""
-    kw = {"use_cache": False} if _takes(model, "use_cache") else {}
-    if hidden:
-        kw["output_hidden_states"] = True
-    if attention:
-        kw["output_attentions"] = True
-    out = model(ids, **kw)
-    if isinstance(out, torch.Tensor):
-        if hidden or attention:
-            raise InputError(f"{type(model).__name__} returns only logits; hidden_loss / attention_weight need a model "
-                             "that returns hidden_states / attentions")
-        return {"logits": out, "hidden": None, "attentions": None}
-    return {"logits": out.logits, "hidden": getattr(out, "hidden_states", None), "attentions": getattr(out, "attentions", None)}
-
-
-def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
-    """Matched hidden-state indices ``(student j, teacher max(1, round(j * Lt / Ls)))`` for j = 1..Ls
-    (index 0 is the embedding output, never matched); the last layers always pair up."""
-    return [(j, max(1, round(j * n_teacher / n_student))) for j in range(1, n_student + 1)]
-
-
-class Trainee(nn.Module):
-    """The trained modules: the student and, for hint losses across widths, the projections."""
-
-    def __init__(self, student: nn.Module, proj: nn.Module | None):
-        super().__init__()
-        self.student, self.proj = student, proj
-
-    def forward(self, ids, hidden: bool = False, attention: bool = False) -> dict:
-        out = forward(self.student, ids, hidden=hidden, attention=attention)
-        if hidden and self.proj is not None:
-            out["hidden"] = [self.proj(i, h) for i, h in enumerate(out["hidden"][1:])]
-        elif hidden:
-            out["hidden"] = list(out["hidden"][1:])
-        return out
-
-
-# ---- one optimizer step ----------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """What a training step needs; built once by :func:`distill`."""
-
-    cfg: DistillConfig
-    model: nn.Module  # the Trainee, wrapped for DDP/FSDP when distributed
-    trainee: Trainee
-    teacher: nn.Module | None
-    source: Any  # (n, L) windows tensor or a TopKCache
-    rank: int = 0
-    world: int = 1
-    gamma: float | None = None
-    pairs: list | None = None  # hidden-state layer pairs
-
-    def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16)
-
-
-def _fetch(run: Run, rows) -> dict:
-    if isinstance(run.source, torch.Tensor):
-        return {"ids": run.source[rows]}
-    ids, values, indices = run.source.get(rows)
-    return {"ids": ids, "values": values, "indices": indices}
-
-
-def _local_batch(run: Run, step: int) -> tuple[dict, bool]:
-    """This process's share of the global batch of ``step``, with its loss mask (b, L-1)."""
-    cfg, n = run.cfg, len(run.source)
-    rows = D.batch_rows(n, cfg.batch_size, step, cfg.seed)
-    per = cfg.batch_size // run.world
-    batch = _fetch(run, rows[run.rank * per : (run.rank + 1) * per])
-    ids = batch["ids"]
-    batch["mask"] = torch.ones(ids.shape[0], ids.shape[1] - 1)
-    on_policy = D.on_policy_step(step, cfg.on_policy, cfg.seed)
-    if on_policy:
-        student = run.trainee.student
-        was = student.training
-        student.eval()
-        g = D._generator(cfg.seed, 37, step, run.rank)
-        batch["ids"] = D.sample(student, ids[:, : cfg.prompt_len], ids.shape[1] - cfg.prompt_len,
-                                temperature=cfg.sample_temperature, generator=g, bf16=cfg.bf16)
-        student.train(was)
-        batch["mask"][:, : cfg.prompt_len - 1] = 0  # score only the student-written tokens
-    return batch, on_policy
-
-
-def _split(batch: dict, parts: int) -> list[dict]:
-    chunks = {k: v.chunk(parts) for k, v in batch.items()}
-    return [{k: chunks[k][i] for k in batch} for i in range(len(chunks["ids"]))]
-
-
-def _kd_sum(run: Run, mb: dict, s_logits, t_out, targets):
-    """Summed distillation loss of one micro-batch (logit part)."""
-    cfg, mask = run.cfg, mb["mask"]
-    kw = dict(beta=cfg.beta, alpha=cfg.alpha, gamma=run.gamma, tau=cfg.tsld_tau, temperature=cfg.temperature, reduction="sum")
-    if "values" in mb:
-        return D.topk_loss(cfg.loss, s_logits, mb["values"], mb["indices"], mask, targets=targets,
-                           label_smoothing=cfg.label_smoothing, **kw)
-    t_logits = t_out["logits"][:, :-1]
-    logp, logq = L.log_probs(s_logits, t_logits, cfg.temperature, cfg.label_smoothing)
-    nll = L.token_nll(t_logits, targets) if cfg.loss == "tsld" else None
-    return L.divergence_loss(cfg.loss, logp, logq, mask, teacher_nll=nll, **kw)
-
-
-def _feature_sums(run: Run, mb: dict, s_out, t_out) -> dict:
-    cfg, mask, out = run.cfg, mb["mask"], {}
-    if cfg.hidden_loss:
-        fn = L.HIDDEN_LOSSES[cfg.hidden_loss]
-        terms = [fn(s_out["hidden"][j - 1][:, :-1], t_out["hidden"][t][:, :-1], mask, reduction="sum") for j, t in run.pairs]
-        out["hidden"] = sum(terms) / len(terms)
-    if cfg.attention_weight:
-        terms = [L.attention_kl(s_out["attentions"][j - 1][:, :, :-1], t_out["attentions"][t - 1][:, :, :-1], mask,
-                                reduction="sum") for j, t in run.pairs]
-        out["attention"] = sum(terms) / len(terms)
-    return out
-
-
-def micro_loss_sums(run: Run, mb: dict) -> dict:
-    """Loss terms of one micro-batch, each summed over its tokens (kd under TSLD: over sequences)."""
-    cfg = run.cfg
-    hidden, attn = bool(cfg.hidden_loss), bool(cfg.attention_weight)
-    ids = mb["ids"]
-    targets = ids[:, 1:]  # (b, L-1)
-    with run.autocast():
-        s_out = run.model(ids, hidden=hidden, attention=attn)
-    s_logits = s_out["logits"][:, :-1]
-    sums = {}
-    if cfg.loss == "ce" or cfg.ce_weight:
-        sums["ce"] = L.cross_entropy(s_logits, targets, mb["mask"], reduction="sum")
-    if cfg.loss == "ce":
-        return sums
-    t_out = None
-    if "values" not in mb:
-        with torch.no_grad(), run.autocast():
-            t_out = forward(run.teacher, ids, hidden=hidden, attention=attn)
-    sums["kd"] = _kd_sum(run, mb, s_logits, t_out, targets)
-    sums.update(_feature_sums(run, mb, s_out, t_out))
-    return sums
-
-
-def _weights(cfg: DistillConfig) -> dict:
-    if cfg.loss == "ce":
-        return {"ce": 1.0}
-    return {"kd": 1.0, "ce": cfg.ce_weight, "hidden": cfg.hidden_weight, "attention": cfg.attention_weight}
-
-
-def _counts(run: Run, batch: dict) -> tuple[float, float]:
-    """Global (tokens, sequences) that the loss terms are normalised by."""
-    m = batch["mask"]
-    c = torch.tensor([m.sum().item(), (m.sum(-1) > 0).sum().item()], dtype=torch.float64)
-    if run.world > 1:
-        torch.distributed.all_reduce(c)
-    return c[0].item(), c[1].item()
-
-
-def _sync_context(run: Run, last: bool):
-    if run.world == 1:
-        return nullcontext()
-    if run.cfg.fsdp:
-        run.model.set_requires_gradient_sync(last)
-        return nullcontext()
-    return nullcontext() if last else run.model.no_sync()
-
-
-def train_step(run: Run, step: int, optimizer, scheduler, params) -> dict:
-    """One optimizer step over the global batch of ``step``; returns its figures (global means)."""
-    cfg = run.cfg
-    batch, on_policy = _local_batch(run, step)
-    n_tok, n_seq = _counts(run, batch)
-    denom = {"kd": n_seq if cfg.loss == "tsld" else n_tok}
-    weights = _weights(cfg)
-    micro = _split(batch, cfg.grad_accum)
-    totals: dict[str, float] = {}
-    for i, mb in enumerate(micro):
-        with _sync_context(run, i == len(micro) - 1):
-            sums = micro_loss_sums(run, mb)
-            loss = sum(weights[k] * v / denom.get(k, n_tok) for k, v in sums.items())
-            (loss * run.world).backward()  # DDP/FSDP average gradients over processes
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + v.detach().double().item()
-    figures = _global_means(run, totals, denom, n_tok)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    figures["loss"] = sum(weights[k] * v for k, v in figures.items())
-    return {"step": step, **figures, "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
-            "lr": lr, "on_policy": on_policy}
-
-
-def _global_means(run: Run, totals: dict, denom: dict, n_tok: float) -> dict:
-    keys = sorted(totals)
-    t = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-    if run.world > 1:
-        torch.distributed.all_reduce(t)
-    return {k: t[i].item() / denom.get(k, n_tok) for i, k in enumerate(keys)}
-
-
-# ---- setup: distributed, optimizer, schedule, CAKLD gamma --------------------------------------
-
-
-def dist_setup() -> tuple[int, int]:
-    """``(rank, world)``; initialises the gloo process group when launched by torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _wrap(trainee: Trainee, cfg: DistillConfig, world: int) -> nn.Module:
-    if world == 1:
-        return trainee
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        from .. import arch
-
-        try:
-            for block in arch.blocks(trainee.student):
-                fully_shard(block)
-        except InputError:
-            pass  # a student without recognisable blocks is sharded as one unit
-        fully_shard(trainee)
-        return trainee
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(trainee)
+# ---- setup: optimizer, schedule, CAKLD gamma --------------------------------------------------
 
 
 def make_optimizer(model: nn.Module, cfg: DistillConfig):
@@ -432,7 +178,7 @@ def estimate_gamma(run: Run, batches: int = 4) -> float:
     for step in range(min(batches, total_steps(run.cfg))):
         rows = D.batch_rows(len(run.source), run.cfg.batch_size, step, run.cfg.seed)
         per = run.cfg.batch_size // run.world
-        b = _fetch(run, rows[run.rank * per : (run.rank + 1) * per])
+        b = fetch(run, rows[run.rank * per : (run.rank + 1) * per])
         targets = b["ids"][:, 1:]
         if "values" in b:
             logp = D.teacher_buckets(b["values"], run.source.vocab)
@@ -444,64 +190,6 @@ def estimate_gamma(run: Run, batches: int = 4) -> float:
     if run.world > 1:
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-
-
-def _digest(source) -> str:
-    ids = source if isinstance(source, torch.Tensor) else source.windows()
-    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
-def _state(run: Run, optimizer):
-    """Full (unsharded) model and optimizer state; under FSDP only rank 0 gets them."""
-    if run.world > 1 and run.cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(run.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return run.trainee.state_dict(), optimizer.state_dict()
-
-
-def save_checkpoint(path: Path, run: Run, optimizer, scheduler, step: int, extra: dict) -> None:
-    """Write the training state atomically (temporary file, then rename); rank 0 writes."""
-    model_sd, optim_sd = _state(run, optimizer)
-    if run.rank != 0:
-        return
-    ck = {"version": 1, "step": step, "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-          "rng": torch.get_rng_state(), "gamma": run.gamma, "world": run.world,
-          "config": {k: getattr(run.cfg, k) for k in TRAJECTORY_FIELDS}, **extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, run: Run, optimizer, scheduler, digest: str) -> dict:
-    """Restore the state saved by :func:`save_checkpoint`; returns the checkpoint dict."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
-    want = {k: getattr(run.cfg, k) for k in TRAJECTORY_FIELDS}
-    diff = sorted(k for k in want if ck["config"].get(k) != want[k])
-    if diff:
-        raise InputError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
-                         "use another checkpoint_dir or the same settings")
-    if ck["data"] != digest:
-        raise InputError(f"checkpoint {path} was written for other training data; use another checkpoint_dir")
-    if run.world > 1 and run.cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(run.model, optimizer, model_state_dict=ck["model"], optim_state_dict=ck["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        run.trainee.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    run.gamma = ck["gamma"]
-    return ck
 
 
 # ---- the training loop ---------------------------------------------------------------------------
@@ -521,30 +209,6 @@ def _check_models(student, teacher, cfg: DistillConfig, cached: bool) -> None:
 def _check_cache(student, cache) -> None:
     if cache is not None and hasattr(student, "get_output_embeddings") and D._vocab(student) != cache.vocab:
         raise InputError(f"student vocabulary ({D._vocab(student)}) differs from the cached teacher's ({cache.vocab})")
-
-
-def _projection(student, teacher, cfg: DistillConfig):
-    """``(pairs, projection or None)`` for the hint losses."""
-    if not (cfg.hidden_loss or cfg.attention_weight):
-        return None, None
-    ns = _n_layers(student)
-    nt = _n_layers(teacher)
-    pairs = layer_map(ns, nt)
-    if not cfg.hidden_loss:
-        return pairs, None
-    ds, dt = _width(student), _width(teacher)
-    return pairs, (L.HiddenProjection(ds, dt, ns) if ds != dt else None)
-
-
-def _n_layers(model) -> int:
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if n is None:
-        raise InputError(f"{type(model).__name__} has no config.num_hidden_layers; hidden/attention losses need a Hugging Face model")
-    return n
-
-
-def _width(model) -> int:
-    return model.get_input_embeddings().weight.shape[1]
 
 
 def _set_eager(models, on: bool) -> list:
@@ -603,16 +267,17 @@ def distill(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, *
     torch.manual_seed(cfg.seed)
     if cfg.qat_bits:
         to_fake_quant_(student, cfg.qat_bits, cfg.qat_group_size, learn_clip=cfg.qat_learn_clip, init_clip=cfg.qat_init_clip)
-    pairs, proj = _projection(student, teacher, cfg)
+    pairs, proj = hint_projection(student, teacher, cfg)
     prev_attn = _set_eager([student, teacher], True) if cfg.attention_weight else None
     if teacher is not None:
         teacher.eval()
     student.train()
     trainee = Trainee(student, proj)
-    run = Run(cfg, _wrap(trainee, cfg, world), trainee, teacher, source, rank, world, cfg.gamma, pairs)
+    ident = identity(source, trainee, teacher) if cfg.checkpoint_dir else None  # the initial, unwrapped weights
+    run = Run(cfg, wrap(trainee, cfg, world), trainee, teacher, source, rank, world, cfg.gamma, pairs)
     try:
         with torch.inference_mode(False), torch.enable_grad():  # whatever grad mode the caller left set
-            res = _train(run, eval_stream, bos, progress, callback)
+            res = _train(run, eval_stream, bos, progress, callback, ident)
         if world > 1 and cfg.fsdp:
             res["student_state"] = gather_student(run)
         return res
@@ -623,16 +288,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, *
                 m.set_attn_implementation(impl)
 
 
-def gather_student(run: Run) -> dict:
-    """The full (unsharded) student state dict on every process, after FSDP training (a collective:
-    every process calls it); the student itself stays sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True))
-    return {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
-
-
-def _train(run: Run, eval_stream, bos, progress: bool, callback) -> dict:
+def _train(run: Run, eval_stream, bos, progress: bool, callback, ident: dict | None) -> dict:
     from ..progress import bar
 
     cfg = run.cfg
@@ -640,10 +296,9 @@ def _train(run: Run, eval_stream, bos, progress: bool, callback) -> dict:
     steps = total_steps(cfg)
     scheduler = cosine_schedule(optimizer, cfg, steps)
     ck_path = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
-    digest = _digest(run.source) if ck_path else None
     history, evals, start = [], [], 0
     if ck_path is not None and ck_path.exists():
-        ck = load_checkpoint(ck_path, run, optimizer, scheduler, digest)
+        ck = load_checkpoint(ck_path, run, optimizer, scheduler, ident)
         start, history, evals = ck["step"], ck["history"], ck["evals"]
     if cfg.loss == "cakld" and run.gamma is None:
         run.gamma = estimate_gamma(run)
@@ -664,7 +319,7 @@ def _train(run: Run, eval_stream, bos, progress: bool, callback) -> dict:
         if evaluating and (done % cfg.eval_every == 0 or done == steps):
             evals.append(_evaluate(run, eval_stream, bos, done))
         if ck_path is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps):
-            save_checkpoint(ck_path, run, optimizer, scheduler, done, {"history": history, "evals": evals, "data": digest})
+            save_checkpoint(ck_path, run, optimizer, scheduler, done, {"history": history, "evals": evals, **ident})
         if callback is not None:
             callback(rec)
     run_tokens = (steps - start) * tokens_per_step

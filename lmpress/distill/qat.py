@@ -8,7 +8,9 @@ contains 0::
     s = fp16((w_max - w_min) / (2**bits - 1)),  z = round(-w_min / s)
     q = clamp(round(W / s) + z, 0, 2**bits - 1),  W_hat = (q - z) * s
 
-With ``c_lo = c_hi = 1`` this is the project's round-to-nearest (RTN) grid; scales are rounded to
+The math is the grid's own (``grid_params``, ``fake_quantize``, ``quantize_codes``, called with a
+straight-through ``round_fn``), so with ``c_lo = c_hi = 1`` this is exactly the project's
+round-to-nearest (RTN) grid; scales are rounded to
 float16 as the packed format stores them, so :func:`pack_fake_quant_` turns the trained layers
 into :class:`lmpress.quant.qlinear.QuantLinear` layers that compute exactly ``W_hat``. During training the forward pass
 uses ``W_hat``; the backward pass treats ``round`` as the identity (straight-through estimator,
@@ -33,68 +35,17 @@ from torch import Tensor, nn
 
 from .. import arch
 from ..errors import InputError
+from ..quant.grid import GridSpec, fake_quantize, grid_params, mse_clip_factors, quantize_codes
 
-CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 ... 0.5, for init_clip="mse"
-FP16_TINY = 1e-7  # smallest scale, still non-zero in float16
+# init_clip="mse": grid.mse_clip's search (clip factors 1, 0.9875, ...) carried on from RTN's 0.75 down to
+# 0.5, since a 2-bit grid's weight-error optimum lies lower (Gaussian weights, group 64: 8% less error)
+INIT_CLIP_SEARCH = dict(steps=40, max_shrink=0.5)
+CLIP_RANGE = (0.01, 1.0)  # learnt clipping ratios are clamped into this range
 
 
 def round_ste(x: Tensor) -> Tensor:
     """``round(x)`` forward, identity backward."""
     return x + (x.round() - x).detach()
-
-
-def _groups(W: Tensor, group_size: int) -> Tensor:
-    """(out, in) -> (out, in // g, g)"""
-    out, cols = W.shape
-    g = cols if group_size == -1 else group_size
-    if cols % g:
-        raise InputError(f"group size {group_size} does not divide the {cols} input columns; pick a divisor of {cols} or -1")
-    return W.reshape(out, cols // g, g)
-
-
-def quant_params(W: Tensor, bits: int, group_size: int, c_lo=None, c_hi=None):
-    """``(s, z)`` per group (out, in // g) of the asymmetric grid; differentiable in ``c_lo``, ``c_hi``."""
-    Wg = _groups(W.detach(), group_size)  # the grid's statistics are constants for the STE
-    w_max, w_min = Wg.amax(-1).clamp(min=0), Wg.amin(-1).clamp(max=0)  # (out, G)
-    if c_hi is not None:
-        w_max, w_min = w_max * c_hi.clamp(0.01, 1.0), w_min * c_lo.clamp(0.01, 1.0)
-    qmax = 2**bits - 1
-    s = ((w_max - w_min) / qmax).clamp_min(FP16_TINY)
-    s = s + (s.half().float() - s).detach()  # stored as float16; straight-through
-    z = round_ste(-w_min / s).clamp(0, qmax)
-    return s, z
-
-
-def fake_quantize(W: Tensor, bits: int, group_size: int, c_lo=None, c_hi=None) -> Tensor:
-    """``W_hat = (clamp(round(W / s) + z, 0, 2**bits - 1) - z) * s`` with a straight-through round. (out, in)"""
-    s, z = quant_params(W, bits, group_size, c_lo, c_hi)
-    Wg = _groups(W, group_size)  # (out, G, g)
-    q = (round_ste(Wg / s[..., None]) + z[..., None]).clamp(0, 2**bits - 1)
-    return ((q - z[..., None]) * s[..., None]).reshape(W.shape)
-
-
-@torch.no_grad()
-def quantize_codes(W: Tensor, bits: int, group_size: int, c_lo=None, c_hi=None):
-    """``(q int (out, in), s (out, G), z (out, G))`` with ``W_hat = (q - z) * s`` per group."""
-    s, z = quant_params(W, bits, group_size, c_lo, c_hi)
-    Wg = _groups(W, group_size)
-    q = (torch.round(Wg / s[..., None]) + z[..., None]).clamp(0, 2**bits - 1)
-    return q.reshape(W.shape).to(torch.uint8 if bits <= 8 else torch.int32), s, z
-
-
-@torch.no_grad()
-def mse_clip_ratios(W: Tensor, bits: int, group_size: int, grid=CLIP_GRID) -> Tensor:
-    """Per-group clipping ratio from ``grid`` minimising ``|W_g - W_hat_g|^2`` (activation-free
-    AutoClip-style search, AWQ arXiv 2306.00978 / BitDistiller). (out, G)"""
-    Wg = _groups(W, group_size)
-    best_err = torch.full(Wg.shape[:2], float("inf"))
-    best = torch.ones(Wg.shape[:2])
-    for c in grid:
-        ratio = torch.full(Wg.shape[:2], c)
-        err = (fake_quantize(W, bits, group_size, ratio, ratio) - W).reshape(Wg.shape).pow(2).sum(-1)
-        better = err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, ratio, best)
-    return best
 
 
 class FakeQuantLinear(nn.Module):
@@ -112,13 +63,11 @@ class FakeQuantLinear(nn.Module):
                  learn_clip: bool = False, clip: Tensor | None = None, conv1d: bool = False):
         super().__init__()
         self.conv1d = conv1d
-        if not 1 <= bits <= 8:
-            raise InputError(f"fake quantization takes 1 to 8 bits, got {bits}")
-        self.bits, self.group_size = bits, group_size
+        self.spec = GridSpec(bits, group_size, fake=True)  # checks bits (1-8) and that group_size divides in
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().clone().float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float())
-        groups = _groups(self.weight.detach(), group_size).shape[:2]
+        groups = (self.out_features, self.in_features // self.spec.groups(self.in_features))
         c = torch.ones(groups) if clip is None else clip.detach().clone().float()
         if learn_clip:
             self.clip_lo, self.clip_hi = nn.Parameter(c.clone()), nn.Parameter(c.clone())
@@ -126,13 +75,30 @@ class FakeQuantLinear(nn.Module):
             self.register_buffer("clip_lo", c.clone())
             self.register_buffer("clip_hi", c.clone())
 
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    def params(self) -> tuple[Tensor, Tensor]:
+        """``(s, z)`` (out, G), differentiable (straight-through) in the clip ratios; the weight's
+        min and max are constants of the step."""
+        c_lo, c_hi = self.clip_lo.clamp(*CLIP_RANGE), self.clip_hi.clamp(*CLIP_RANGE)
+        return grid_params(self.weight.detach(), self.spec, c_lo, c_hi, round_fn=round_ste)
+
     def dequantized(self) -> Tensor:
         """``W_hat`` (out, in), differentiable (straight-through) in the weight and clip ratios."""
-        return fake_quantize(self.weight, self.bits, self.group_size, self.clip_lo, self.clip_hi)
+        s, z = self.params()
+        return fake_quantize(self.weight, s, z, self.spec, round_fn=round_ste)
 
-    def codes(self):
-        """``(q, s, z)`` of the current weight; ``(q - z) * s`` equals :meth:`dequantized`."""
-        return quantize_codes(self.weight, self.bits, self.group_size, self.clip_lo, self.clip_hi)
+    @torch.no_grad()
+    def codes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(q uint8 (out, in), s, z (out, G))`` of the current weight; ``(q - z) * s`` equals :meth:`dequantized`."""
+        s, z = self.params()
+        return quantize_codes(self.weight, s, z, self.spec), s, z
 
     def logical_numel(self) -> int:
         return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
@@ -150,7 +116,8 @@ def to_fake_quant_(model: nn.Module, bits: int, group_size: int, *, learn_clip: 
     """Replace every linear layer inside the decoder blocks by a :class:`FakeQuantLinear` in place.
 
     Embeddings and the output head stay in float. ``init_clip="mse"`` starts each group's clipping
-    ratio at the weight-MSE-optimal value of :data:`CLIP_GRID` (else 1.0, i.e. RTN min-max).
+    ratio at the weight-MSE-optimal value of grid.mse_clip's search (:data:`INIT_CLIP_SEARCH`; else
+    1.0, i.e. RTN min-max).
     Returns the new layers by name.
 
     Already-quantized layers (``QuantLinear`` from GPTQ / AWQ / RTN) start from their dequantized
@@ -165,7 +132,7 @@ def to_fake_quant_(model: nn.Module, bits: int, group_size: int, *, learn_clip: 
         if isinstance(lin, FakeQuantLinear):
             continue
         W = arch.linear_weight(lin).detach().float()  # (out, in)
-        clip = mse_clip_ratios(W, bits, group_size) if init_clip == "mse" else None
+        clip = mse_clip_factors(W, GridSpec(bits, group_size, fake=True), **INIT_CLIP_SEARCH) if init_clip == "mse" else None
         fq = FakeQuantLinear(W, getattr(lin, "bias", None), bits, group_size, learn_clip=learn_clip, clip=clip,
                              conv1d=type(lin).__name__ == "Conv1D")
         arch.set_module(model, name, fq)
@@ -189,15 +156,14 @@ def fake_quant_weights(model: nn.Module) -> dict[str, Tensor]:
 @torch.no_grad()
 def pack_fake_quant_(model: nn.Module) -> int:
     """Replace each :class:`FakeQuantLinear` by a bit-packed :class:`lmpress.quant.qlinear.QuantLinear`
-    with the same codes, scales and zeros (bits 2, 3, 4 or 8); returns the count."""
-    from ..quant.grid import GridSpec
+    with the same codes, scales and zeros (bits in :data:`lmpress.quant.grid.BITS`); returns the count."""
     from ..quant.qlinear import QuantLinear
 
     layers = fake_quant_layers(model)
     for name, m in layers.items():
         q, s, z = m.codes()
-        g = m.in_features if m.group_size == -1 else m.group_size
-        arch.set_module(model, name, QuantLinear.from_codes(q, s, z, GridSpec(m.bits, g), bias=m.bias))
+        spec = GridSpec(m.bits, m.spec.groups(m.in_features))  # a packable grid: checks bits against grid.BITS
+        arch.set_module(model, name, QuantLinear.from_codes(q, s, z, spec, bias=m.bias))
     return len(layers)
 
 

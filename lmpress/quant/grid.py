@@ -14,6 +14,12 @@ stored model is exactly the one that was optimized.
 
 ``mse_clip`` searches the clip factor per (row, group) that minimises the squared weight error
 (optionally weighted per column by activation energy), as in AWQ's and llama.cpp's clip searches.
+
+Quantization-aware training (:mod:`lmpress.distill.qat`) uses these same functions with a
+straight-through ``round_fn`` (round forward, identity backward; Bengio et al., arXiv 1308.3432)
+and separate low/high clip factors ``clip``/``clip_hi`` that it learns, so the packed model is
+the trained one bit for bit. With the default ``round_fn=torch.round`` nothing is differentiable
+and RTN / GPTQ / AWQ compute exactly what they always did.
 """
 
 from __future__ import annotations
@@ -25,23 +31,30 @@ from torch import Tensor
 
 from ..errors import InputError
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 8)  # the widths the packed format stores (lmpress.quant.pack); the only copy
 FP16_TINY = 1e-7  # smallest scale: stays non-zero (subnormal) in fp16
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """The grid of one layer: bit width, group size (-1 = per channel), symmetry, ternary."""
+    """The grid of one layer: bit width, group size (-1 = per channel), symmetry, ternary.
+
+    ``fake=True``: a grid that is only fake-quantized (QAT with float output), so any width from 1
+    to 8 bits is allowed; the packed format stores :data:`BITS` only.
+    """
 
     bits: int = 4
     group_size: int = 64
     sym: bool = False
     ternary: bool = False
+    fake: bool = False
 
     def __post_init__(self):
         if self.ternary and self.bits != 2:
             object.__setattr__(self, "bits", 2)
-        if self.bits not in BITS:
+        if self.fake and not 1 <= self.bits <= 8:
+            raise InputError(f"fake quantization takes 1 to 8 bits, got {self.bits}")
+        if not self.fake and self.bits not in BITS:
             raise InputError(f"bits must be one of {BITS} (or --ternary), got {self.bits}")
         if self.group_size == 0 or self.group_size < -1:
             raise InputError(f"group_size must be positive or -1 (per channel), got {self.group_size}")
@@ -64,13 +77,24 @@ def _grouped(w: Tensor, g: int) -> Tensor:
 
 
 def fp16_round(t: Tensor) -> Tensor:
-    return t.to(torch.float16).to(torch.float32)
+    """``t`` rounded to float16, as float32; straight-through (identity gradient) when ``t`` needs a
+    gradient: ``t + (h - t)`` is exactly ``h``, the difference of a float32 and its fp16 rounding being exact."""
+    h = t.to(torch.float16).to(torch.float32)
+    return t + (h - t).detach() if t.requires_grad else h
 
 
-def grid_params(w: Tensor, spec: GridSpec, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
-    """Scales and zeros (out, G) for ``w`` (out, in); ``clip`` (out, G) or scalar shrinks the range."""
+def grid_params(w: Tensor, spec: GridSpec, clip: Tensor | float = 1.0, clip_hi: Tensor | float | None = None, *,
+                round_fn=torch.round) -> tuple[Tensor, Tensor]:
+    """Scales and zeros (out, G) for ``w`` (out, in); ``clip`` (out, G) or scalar shrinks the range.
+
+    Asymmetric grids may shrink the top of the range by a separate ``clip_hi`` (default ``clip``).
+    ``round_fn`` rounds the zero point (a straight-through round makes ``s``, ``z`` differentiable in
+    the clip factors; ``w``'s min and max are used as they are, so pass ``w.detach()`` for QAT).
+    """
     g = spec.groups(w.shape[1])
     wg = _grouped(w.float(), g)  # (out, G, g)
+    if clip_hi is not None and (spec.sym or spec.ternary):
+        raise InputError("a separate high clip factor (clip_hi) applies to asymmetric grids only")
     if spec.ternary:
         a = wg.abs()
         delta = 0.7 * a.mean(-1, keepdim=True)
@@ -83,17 +107,23 @@ def grid_params(w: Tensor, spec: GridSpec, clip: Tensor | float = 1.0) -> tuple[
         s = fp16_round((2 * amax / spec.maxq).clamp_min(FP16_TINY))
         return s, torch.full_like(s, (spec.maxq + 1) / 2)
     lo = wg.amin(-1).clamp(max=0) * clip
-    hi = wg.amax(-1).clamp(min=0) * clip
+    hi = wg.amax(-1).clamp(min=0) * (clip if clip_hi is None else clip_hi)
     s = fp16_round(((hi - lo) / spec.maxq).clamp_min(FP16_TINY))
-    z = torch.round(-lo / s).clamp(0, spec.maxq)
+    z = round_fn(-lo / s).clamp(0, spec.maxq)
     return s, z
+
+
+def grid_codes(w: Tensor, s: Tensor, z: Tensor, spec: GridSpec, round_fn=torch.round) -> Tensor:
+    """Codes ``clamp(round(w / s) + z, 0, maxq)`` (out, in) as float, for ``w`` (out, in) with per-group
+    ``s``, ``z`` (out, G); differentiable in ``w``, ``s``, ``z`` with a straight-through ``round_fn``."""
+    g = w.shape[1] // s.shape[1]
+    q = round_fn(_grouped(w.float(), g) / s[..., None]) + z[..., None]  # (out, G, g)
+    return q.clamp(0, spec.maxq).reshape(w.shape)
 
 
 def quantize_codes(w: Tensor, s: Tensor, z: Tensor, spec: GridSpec) -> Tensor:
     """Codes (out, in) as uint8 for ``w`` (out, in) with per-group ``s``, ``z`` (out, G)."""
-    g = w.shape[1] // s.shape[1]
-    q = torch.round(_grouped(w.float(), g) / s[..., None]) + z[..., None]
-    return q.clamp(0, spec.maxq).reshape(w.shape).to(torch.uint8)
+    return grid_codes(w, s, z, spec).to(torch.uint8)
 
 
 def dequantize(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
@@ -102,28 +132,35 @@ def dequantize(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
     return ((_grouped(q.float(), g) - z[..., None]) * s[..., None]).reshape(q.shape)
 
 
-def fake_quantize(w: Tensor, s: Tensor, z: Tensor, spec: GridSpec) -> Tensor:
-    return dequantize(quantize_codes(w, s, z, spec), s, z)
+def fake_quantize(w: Tensor, s: Tensor, z: Tensor, spec: GridSpec, round_fn=torch.round) -> Tensor:
+    """``dequantize(codes)``: ``w`` (out, in) on the grid, as float32 (see :func:`grid_codes` for ``round_fn``)."""
+    return dequantize(grid_codes(w, s, z, spec, round_fn), s, z)
 
 
-def mse_clip(w: Tensor, spec: GridSpec, *, col_weight: Tensor | None = None, steps: int = 20,
-             max_shrink: float = 0.25) -> tuple[Tensor, Tensor]:
-    """Grid parameters whose per-(row, group) clip factor minimises the (weighted) squared error."""
+def mse_clip_factors(w: Tensor, spec: GridSpec, *, col_weight: Tensor | None = None, steps: int = 20,
+                     max_shrink: float = 0.25) -> Tensor:
+    """The clip factor (out, G) among ``1 - max_shrink * i / steps``, i = 0..steps, that minimises each
+    (row, group)'s squared weight error, weighted per column by ``col_weight`` (in,) when given."""
     g = spec.groups(w.shape[1])
     wg = _grouped(w.float(), g)  # (out, G, g)
     cw = torch.ones(w.shape[1]) if col_weight is None else col_weight.float()
     cw = cw.reshape(1, -1, g)  # (1, G, g)
     best_err = torch.full(wg.shape[:2], float("inf"))
-    best_s, best_z = grid_params(w, spec)
+    best_c = torch.ones(wg.shape[:2])
     for i in range(steps + 1):
-        c = 1.0 - max_shrink * i / steps
+        c = torch.full(wg.shape[:2], 1.0 - max_shrink * i / steps)  # (out, G)
         s, z = grid_params(w, spec, c)
         err = ((_grouped(fake_quantize(w, s, z, spec), g) - wg) ** 2 * cw).sum(-1)  # (out, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+        best_c = torch.where(better, c, best_c)
+    return best_c
+
+
+def mse_clip(w: Tensor, spec: GridSpec, *, col_weight: Tensor | None = None, steps: int = 20,
+             max_shrink: float = 0.25) -> tuple[Tensor, Tensor]:
+    """Grid parameters whose per-(row, group) clip factor minimises the (weighted) squared error."""
+    return grid_params(w, spec, mse_clip_factors(w, spec, col_weight=col_weight, steps=steps, max_shrink=max_shrink))
 
 
 def choose_params(w: Tensor, spec: GridSpec, clip_search: bool, col_weight: Tensor | None = None):

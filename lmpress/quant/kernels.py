@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from .pack import SUPPORTED_BITS, dequantize_packed
+from .grid import BITS
+from .pack import dequantize_packed
 
 EXTENSION_NAME = "lmpress_qgemv"
 FUSED_MAX_ROWS = 8  # = kMaxRows in qgemv_kernel.cpp: fused up to here, then dequantize + matmul
@@ -106,8 +107,8 @@ def reference_forced() -> bool:
 
 def _check(packed, scales, zeros, bits, group_size, out, cols) -> None:
     """Cheap shape checks (this runs on every decode step, so no data is read)."""
-    if bits not in SUPPORTED_BITS:
-        raise InputError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
+    if bits not in BITS:
+        raise InputError(f"bits must be one of {BITS}; got {bits!r}")
     if cols * bits % 8:
         raise InputError(f"in_features * bits must be a multiple of 8; got {cols} * {bits}")
     if packed.dtype != torch.uint8 or packed.shape != (out, cols * bits // 8):

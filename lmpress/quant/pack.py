@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from .grid import BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 LAYOUT_VERSION = 1
 _IN_MULTIPLE = {8: 1, 4: 2, 2: 4, 3: 8}  # columns one packing unit holds
 
@@ -117,8 +117,8 @@ def check_groups(scales: Tensor, zeros: Tensor, out: int, cols: int, group_size:
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise InputError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
+    if bits not in BITS:
+        raise InputError(f"bits must be one of {BITS}; got {bits!r}")
 
 
 def _check_shape(shape: tuple[int, ...], bits: int) -> tuple[int, int]:
