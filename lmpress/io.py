@@ -174,7 +174,8 @@ def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool,
         _check_decoder(model.config, path)
     model.lmpress_info = raw.get("lmpress") or {}  # the recipe and data that made it, kept by export
     model.lmpress_recipe = model.lmpress_info.get("recipe", [])
-    return model, _load_tokenizer(path, trust_remote_code=trust_remote_code) if tokenizer else None
+    tok = _load_tokenizer(path, config=model.config, trust_remote_code=trust_remote_code) if tokenizer else None
+    return model, tok
 
 
 def _check_remote_code(path: Path, raw: dict, trust_remote_code: bool) -> None:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from test_cli import _tok
 from tiny import tiny_model
@@ -44,3 +46,27 @@ def test_cli_distill_never_overwrites_its_inputs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "is or holds the input" in err
     assert (src / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_cli_distill_under_torchrun_two_processes(tmp_path, fsdp):
+    """``torchrun --nproc-per-node 2 lmpress distill``: both ranks train, rank 0 saves a loadable student
+    (with FSDP it is rebuilt whole from the gathered state first)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    src, corpus = _setup(tmp_path)
+    out = tmp_path / "s"
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "lmpress.cli", "distill", "--teacher", str(src),
+           "--data", str(corpus), "-o", str(out), "--tokens", "128", "--seq-len", "16", "--batch-size", "4",
+           "--qat-bits", "4", "--qat-group-size", "32"] + (["--fsdp"] if fsdp else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    student, _ = load_model(out)
+    assert type(student.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+    assert student.lmpress_info["recipe"][-1]["fsdp"] is fsdp

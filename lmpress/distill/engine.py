@@ -382,5 +382,6 @@ def distill_(model, cfg: DistillConfig, ctx) -> dict:
     stream = prepare(ctx.tokenizer, data, need_calib=False)[1] if cfg.eval_every else None
     res = distill(model, ctx.teacher, cfg, windows=windows, cache=cache, eval_stream=stream,
                   bos=ctx.tokenizer.bos_token_id, progress=ctx.progress)
-    res["fake_quant_layers"] = finish_fake_quant_(model, cfg)
+    if "student_state" not in res:  # FSDP under torchrun left it sharded: the caller rebuilds it whole first
+        res["fake_quant_layers"] = finish_fake_quant_(model, cfg)
     return res
