@@ -17,6 +17,27 @@ from .errors import InputError
 
 
 @dataclass(frozen=True)
+class WidthSpec:
+    """Where width pruning cuts a block (paths relative to the block): the attention projections
+    (query heads, key/value heads in GQA groups) and the gated MLP's channels. The attention module
+    ``attn`` has a ``head_dim``; ``hidden``: the hidden (residual) channels may be cut as well."""
+
+    attn: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    hidden: bool = True
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: str  # dotted path of the ModuleList of decoder blocks
     embed: str  # token embedding
@@ -24,6 +45,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     # (preceding op, linears it feeds) inside a block, for scale folding (AWQ, SmoothQuant):
     scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
+    width: WidthSpec | None = None  # what width pruning may cut (None: not supported)
 
 
 _LLAMA_PAIRS = (
@@ -32,7 +54,7 @@ _LLAMA_PAIRS = (
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
-_LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", scale_pairs=_LLAMA_PAIRS)
+_LLAMA = ArchSpec("model.layers", "model.embed_tokens", "model.norm", scale_pairs=_LLAMA_PAIRS, width=WidthSpec())
 SPECS: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -48,6 +70,7 @@ SPECS: dict[str, ArchSpec] = {
             ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             ("mlp.up_proj", ("mlp.down_proj",)),
         ),
+        width=WidthSpec(hidden=False),  # Gemma scales embeddings by sqrt(hidden_size): hidden channels stay
     ),
     "gpt2": ArchSpec(
         "transformer.h",
@@ -68,13 +91,44 @@ SPECS: dict[str, ArchSpec] = {
 }
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight as (in_features, out_features)."""
+    return type(m).__name__ == "Conv1D"
+
+
+def is_dense_linear(m: nn.Module) -> bool:
+    """A plain float linear layer (``nn.Linear`` or ``Conv1D``), not one of lmpress's compressed layers."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
 def is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or hasattr(m, "lmpress_linear")
+    """Any linear layer: dense, or compressed by lmpress (quantized, sparse, factored)."""
+    return is_dense_linear(m) or hasattr(m, "lmpress_linear")
+
+
+def norm_adds_one(norm: nn.Module) -> bool:
+    """True for the Gemma family's RMSNorm, which computes ``x * (1 + weight)`` (not ``x * weight``)."""
+    name = type(norm).__name__
+    return "Gemma" in name and name.endswith("RMSNorm")
+
+
+def width_spec(model: nn.Module, hidden: bool = False) -> WidthSpec:
+    """What width pruning may cut in ``model`` (also hidden channels when ``hidden``), or a clear error."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    spec = SPECS[mtype].width if mtype in SPECS else None
+    if spec is None:
+        supported = [t for t, s in SPECS.items() if s.width is not None]
+        raise InputError(f"width pruning supports {', '.join(supported)} models, not {mtype!r}; "
+                         "use prune-depth or an unstructured method")
+    if hidden and not spec.hidden:
+        supported = [t for t, s in SPECS.items() if s.width is not None and s.width.hidden]
+        raise InputError(f"hidden-channel pruning supports {', '.join(supported)}, not {mtype!r}; set hidden: false")
+    return spec
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), whatever the layer stores."""
-    if type(m).__name__ == "Conv1D":
+    if is_conv1d(m):
         return m.weight.t()
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -87,7 +141,7 @@ def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
     if not isinstance(getattr(m, "weight", None), nn.Parameter):
         raise _no_dense_weight(m)  # e.g. a computed (densified) weight: writing it would be lost
     with torch.no_grad():
-        if type(m).__name__ == "Conv1D":
+        if is_conv1d(m):
             m.weight.copy_(w.t())
         else:
             m.weight.copy_(w)

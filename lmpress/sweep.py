@@ -2,7 +2,8 @@
 
 Within one lazy block of columns, each column in turn is replaced (rounded to the grid, zeroed
 where the keep mask says so, or both: SparseGPT's joint mode) and its error, scaled by the inverse
-Hessian's upper Cholesky factor ``U1``, is spread over the block's later columns::
+Hessian's upper Cholesky factor ``U1`` (:func:`lmpress.stats.damped_cholesky`), is spread over
+the block's later columns::
 
     v = keep * ((clamp(round(w / s) + z, 0, maxq) - z) * s)     # or keep * w without a grid
     err = (w - v) / U1[i, i];   W1[:, j] -= err * U1[i, j]  for j > i
@@ -17,25 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import InputError
-
 NONE = torch.empty(0)  # "no mask" / "no grid"
-
-
-def inverse_hessian_factor(H: Tensor, damp: float, method: str = "GPTQ") -> tuple[Tensor, float]:
-    """``(U, used)``: the upper Cholesky factor of ``(H + used * mean(diag H) * I)^-1``, in H's dtype.
-    ``used`` starts at ``damp`` and grows tenfold while the factorization fails (a Hessian summed from
-    bfloat16 products, or from few tokens, can be singular or slightly indefinite)."""
-    mean_diag = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for attempt in range(8):
-        used = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U, used
-    raise InputError(f"{method}: the Hessian stays singular even with strong dampening; use more calibration data")
 
 
 def sweep_columns(W1: Tensor, U1: Tensor, K1: Tensor, S1: Tensor, Z1: Tensor, Q1: Tensor, E1: Tensor,

@@ -6,7 +6,8 @@ from test_cli import _tok
 from tiny import tiny_model
 from torch import nn
 
-from lmpress import arch, counts
+from lmpress import arch
+from lmpress.counts import param_counts
 from lmpress import recipe as rc
 from lmpress.errors import InputError
 from lmpress.io import load_model
@@ -66,9 +67,9 @@ def test_factored_parameter_counts_add_up():
     assert ds.indices.dtype == torch.uint8 and ds.stored_bytes() == layer_bytes(24, 40, 12, 4) == 4 * (480 + 96) + 96
     assert DenseSparseLinear(8, 8, 300, 2).indices.dtype == torch.int16
     model = tiny_model("llama")
-    dense = counts.param_counts(model)
+    dense = param_counts(model)
     info = rc.apply(model, rc.make_config("svd", ratio=0.5), rc.RunContext(progress=False))
-    after = counts.param_counts(model)
+    after = param_counts(model)
     ranks = {n: v["rank"] for n, v in info["per_layer"].items()}
     expected = 0
     for name, r in ranks.items():
@@ -177,7 +178,7 @@ def test_methods_save_then_load_identical_logits(tmp_path, method, options, kind
     again, _ = load_model(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, out, rtol=0, atol=1e-6)
-    assert counts.param_counts(again).linear == counts.param_counts(model).linear
+    assert param_counts(again).linear == param_counts(model).linear
 
 
 def test_factorize_then_quantize_the_factors(tmp_path):

@@ -89,7 +89,7 @@ def test_wanda_and_sparsegpt_layer_error_at_most_magnitude(pattern):
         sc = masks.wanda_scores(W, X.norm(dim=0))
         wanda = W * (masks.nm_mask(sc, 2, 4) if pattern else masks.topk_mask(sc, 0.5, "row"))
         U, _, _ = hessian_factor(H, 0.01)
-        sgpt, _ = sparsegpt_prune(W, U, 0.5, masks.parse_pattern(pattern), blocksize=32)
+        sgpt, _ = sparsegpt_prune(W, U, 0.5, masks.parse_pattern(pattern), block_size=32)
         errs.append((err(mag), err(wanda), err(sgpt), name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))))
     mag, wanda, sgpt, normed = torch.tensor(errs).T
     # SparseGPT minimizes this error layer by layer. Wanda's score is its diagonal approximation: it
@@ -124,8 +124,8 @@ def test_sparsegpt_sweep_kernel_matches_reference(pattern, bits):
     U, _, _ = hessian_factor(X.T @ X, 0.01)
     grid = None if bits is None else (GridSpec(bits, 32), *grid_params(W, GridSpec(bits, 32)))
     nm = masks.parse_pattern(pattern)
-    fast, _ = sparsegpt_prune(W, U, 0.5, nm, blocksize=32, grid=grid)
-    ref, _ = sparsegpt_prune(W, U, 0.5, nm, blocksize=32, grid=grid, kernel=False)
+    fast, _ = sparsegpt_prune(W, U, 0.5, nm, block_size=32, grid=grid)
+    ref, _ = sparsegpt_prune(W, U, 0.5, nm, block_size=32, grid=grid, kernel=False)
     assert ((fast == 0) == (ref == 0)).float().mean() > 0.99
     torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-3)
 
@@ -138,7 +138,7 @@ def test_sparsegpt_joint_mode_puts_kept_weights_on_the_grid_and_packs():
     U, _, _ = hessian_factor(X.T @ X, 0.01)
     spec = GridSpec(4, 16)
     s, z = grid_params(W, spec)
-    Q, _ = sparsegpt_prune(W, U, 0.5, blocksize=16, grid=(spec, s, z))
+    Q, _ = sparsegpt_prune(W, U, 0.5, block_size=16, grid=(spec, s, z))
     assert (Q == 0).sum() >= 128
     torch.testing.assert_close(dequantize(quantize_codes(Q, s, z, spec), s, z), Q, rtol=0, atol=1e-6)  # on the grid
     model, info = _pruned("sparsegpt", sparsity=0.5, bits=4, group_size=16)
@@ -174,7 +174,7 @@ def test_sensitivity_score_orders_blocks_by_their_pruned_output_error():
     errors = []
 
     def fn(bctx):
-        norms = U.collect_inputs(bctx, list(bctx.linears), U._sum_squares)
+        norms = U.input_norms(bctx, list(bctx.linears))
         errors.append(U._pruned_output_error(bctx, norms, cfg))
 
     walk_blocks(model, calib, fn, batch_size=4)
@@ -201,7 +201,7 @@ def test_relative_output_error_is_a_ratio_of_norms():
     ("wanda", {"allocation": "owl", "pattern": "2:4"}, "owl allocation"),
     ("wanda", {"allocation": "sensitivity", "pattern": "2:4"}, "sensitivity allocation"),
     ("wanda", {"allocation": "hessian"}, "allocation"),
-    ("sparsegpt", {"dampening": 0}, "dampening"),
+    ("sparsegpt", {"damp": 0}, "damp"),
     ("wanda", {"nonsense": 1}, "no option"),
 ])
 def test_bad_options_rejected(method, kw, match):

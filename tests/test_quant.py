@@ -7,10 +7,11 @@ from tiny import KINDS, tiny_model
 from lmpress import arch
 from lmpress.errors import InputError
 from lmpress.evaluate import compare
-from lmpress.quant.gptq import HessianAccumulator, gptq_quantize
+from lmpress.quant.gptq import gptq_quantize
 from lmpress.quant.grid import GridSpec, dequantize, grid_params, mse_clip, quantize_codes
 from lmpress.quant.qlinear import QuantLinear
 from lmpress.recipe import RunContext, apply, make_config
+from lmpress.stats import InputStats
 
 SPECS = [GridSpec(b, g, sym) for b in (2, 3, 4, 8) for g in (32, -1) for sym in (False, True)] + [GridSpec(2, 32, ternary=True)]
 
@@ -67,9 +68,9 @@ def _layer_problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(1024, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3
     W = torch.randn(64, 128, generator=g)
-    acc = HessianAccumulator()
+    acc = InputStats("xtx", upcast=False)  # GPTQ's Hessian 2/n X^T X
     acc(X)
-    return X, W, acc.H
+    return X, W, acc.hessian
 
 
 @pytest.mark.parametrize("spec", [GridSpec(4, 32), GridSpec(3, 64), GridSpec(2, 32), GridSpec(4, -1), GridSpec(3, 32, sym=True)], ids=str)
@@ -100,9 +101,9 @@ def test_gptq_rows_are_independent_so_stacked_layers_match_separate_solves():
 def test_gptq_survives_singular_hessian():
     X, W, _ = _layer_problem()
     X[:, :10] = 0  # dead inputs: zero rows/cols in H
-    acc = HessianAccumulator()
+    acc = InputStats("xtx", upcast=False)
     acc(X[:, :])
-    q, s, z = gptq_quantize(W, acc.H, GridSpec(4, 32))
+    q, s, z = gptq_quantize(W, acc.hessian, GridSpec(4, 32))
     assert torch.isfinite(dequantize(q, s, z)).all()
 
 
@@ -184,7 +185,7 @@ def test_gptq_kernel_matches_reference_loop(act_order):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocked_gram_equals_the_plain_product(dtype):
-    from lmpress.quant.gptq import gram
+    from lmpress.stats import gram
 
     x = torch.randn(300, 70).to(dtype)
     torch.testing.assert_close(gram(x, min_split=16), (x.T @ x).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)

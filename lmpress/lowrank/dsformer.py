@@ -50,6 +50,7 @@ class DSFormerConfig:
     damp: Cholesky/ridge damping of ``X^T X``, relative to its mean diagonal.
     """
 
+    family: ClassVar[str] = "lowrank"
     method: ClassVar[str] = "dsformer"
     needs_calibration: ClassVar[bool] = True
     ratio: float | None = None
@@ -127,10 +128,10 @@ def dsformer_(model: nn.Module, cfg: DSFormerConfig, ctx) -> dict:
         ranks = dict(zip(names, svd.budget_ranks(lr_cfg, shapes, [spectra[n] for n in names] if spectra else None)))
     layers: dict[str, dict] = {}
 
-    def visit(block_name, group, linears, stats):
+    def visit(block_name, group, linears, st):
         for n in group:
             full = f"{block_name}.{n}"
-            layers[full] = _factor_layer(model, full, linears[n], stats.H, cfg, ranks[full])
+            layers[full] = _factor_layer(model, full, linears[n], st.xtx, cfg, ranks[full])
 
     svd.walk_groups(model, ctx.calib, visit, progress=ctx.progress, label=cfg.method)
     return svd.summary(layers, dict(zip(names, shapes)))

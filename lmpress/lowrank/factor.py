@@ -35,25 +35,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..stats import damped_cholesky
+
 # ---- whitening and truncation ----------------------------------------------------------------
 
 
 def cholesky_whitening(H: Tensor, damp: float = 1e-4) -> Tensor:
-    """Lower-triangular ``S`` (in, in) with ``S S^T = H + λ I``, ``λ = damp · mean(diag H)`` (SVD-LLM).
+    """Lower-triangular ``S`` (in, in) with ``S S^T = H + λ I``, ``λ = damp · mean(diag H)`` (SVD-LLM),
+    computed in float64.
 
     The damping makes a rank-deficient ``H`` (dead input channels, few tokens) positive definite; it
-    is raised tenfold until the Cholesky factorization succeeds.
+    is raised tenfold until the Cholesky factorization succeeds (:func:`lmpress.stats.damped_cholesky`).
     """
-    H = H.double()
-    mean = float(H.diagonal().mean().clamp_min(1e-30))
-    lam = damp * mean
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for _ in range(12):
-        S, info = torch.linalg.cholesky_ex(H + lam * eye)
-        if int(info) == 0:
-            return S
-        lam = max(10 * lam, 1e-10 * mean)
-    raise ValueError("the calibration second moment X^T X is not positive definite even after damping; check the inputs for NaN")
+    return damped_cholesky(H.double(), damp, method="SVD-LLM")[0]
 
 
 def asvd_scaling(mean_abs: Tensor, alpha: float = 0.5) -> Tensor:

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import arch
+from .. import arch, stats
 from ..errors import InputError
 from . import factor
 from .layers import DenseSparseLinear, LowRankLinear
@@ -75,6 +75,7 @@ class SVDConfig:
         that follows (its groups split the factor ``U``'s r input columns).
     """
 
+    family: ClassVar[str] = "lowrank"
     method: ClassVar[str] = "svd"
     needs_calibration: ClassVar[bool] = False
     ratio: float | None = None
@@ -130,7 +131,7 @@ def dense_targets(model: nn.Module, method: str) -> dict[str, nn.Module]:
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, (LowRankLinear, DenseSparseLinear)):
             continue  # a factor of an earlier low-rank step
-        if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
+        if not arch.is_dense_linear(m):
             raise InputError(f"{method}: layer {name} is already compressed (kind {getattr(m, 'kind', type(m).__name__)!r}); "
                              "put the low-rank step before quantization or pruning in the recipe")
         out[name] = m
@@ -164,27 +165,16 @@ def budget_ranks(cfg, shapes: list[tuple[int, int]], spectra: list[Tensor] | Non
     return factor.allocate_ranks(spectra or [], shapes, budget, cfg.allocation, m)
 
 
-class SecondMoment:
-    """Accumulates ``H = X^T X`` (in, in) and ``Σ|x|`` over calibration inputs x (tokens, in)."""
-
-    def __init__(self):
-        self.H, self.abs_sum, self.tokens = None, None, 0
-
-    def __call__(self, x: Tensor) -> None:
-        x = x.detach().float()
-        h, a = x.T @ x, x.abs().sum(0)  # (in, in), (in,)
-        self.H = h.double() if self.H is None else self.H + h.double()
-        self.abs_sum = a.double() if self.abs_sum is None else self.abs_sum + a.double()
-        self.tokens += x.shape[0]
-
-    def mean_abs(self) -> Tensor:
-        return self.abs_sum / max(1, self.tokens)
+def _second_moment() -> stats.InputStats:
+    """``Σ x^T x`` and ``Σ|x|`` of a group's inputs, summed in float64 (SVD-LLM whitens with it)."""
+    return stats.InputStats("xtx", "abs", dtype=torch.float64)
 
 
-def walk_groups(model, calib, visit: Callable[[str, list[str], dict, SecondMoment], None], *, batch_size=8, progress=True, label="blocks"):
+def walk_groups(model, calib, visit: Callable[[str, list[str], dict, stats.InputStats], None], *, batch_size=8,
+                progress=True, label="blocks"):
     """Walk the blocks; per group of target linears sharing an input (execution order), collect the
-    group's :class:`SecondMoment` with the current (possibly already changed) block and call
-    ``visit(block_name, names, linears, stats)``. ``visit`` may replace the group's layers.
+    group's input statistics (``xtx``, ``abs``) with the current (possibly already changed) block and
+    call ``visit(block_name, names, linears, st)``. ``visit`` may replace the group's layers.
     """
     from ..calib import walk_blocks
 
@@ -197,28 +187,27 @@ def walk_groups(model, calib, visit: Callable[[str, list[str], dict, SecondMomen
             names = [n for n in group if n in linears and _is_dense(ctx.block, n, linears[n])]
             if not names:
                 continue
-            stats = SecondMoment()
-            ctx.collect({names[0]: stats})
-            visit(ctx.name, names, linears, stats)
+            visit(ctx.name, names, linears, stats.collect(ctx, names, _second_moment)[names[0]])
 
     walk_blocks(model, calib, fn, batch_size=batch_size, progress=label if progress else False)
 
 
 def _is_dense(block: nn.Module, name: str, m: nn.Module) -> bool:
     parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-    return (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not isinstance(parent, (LowRankLinear, DenseSparseLinear))
+    return arch.is_dense_linear(m) and not isinstance(parent, (LowRankLinear, DenseSparseLinear))
 
 
 # ---- the methods -------------------------------------------------------------------------------
 
 
-def _scaling(cfg, stats: SecondMoment | None) -> Tensor | None:
-    """The right scaling S of each method: None (SVD), a vector (ASVD), a Cholesky factor (SVD-LLM)."""
+def _scaling(cfg, st: stats.InputStats | None) -> tuple[Tensor | None, float | None]:
+    """The right scaling S of each method: None (SVD), a vector (ASVD), a Cholesky factor (SVD-LLM),
+    and the dampening used (SVD-LLM: raised above ``cfg.damp`` where X^T X is not positive definite)."""
     if cfg.method == "svd":
-        return None
+        return None, None
     if cfg.method == "asvd":
-        return factor.asvd_scaling(stats.mean_abs(), cfg.alpha)
-    return factor.cholesky_whitening(stats.H, cfg.damp)
+        return factor.asvd_scaling(st.mean_abs, cfg.alpha), None
+    return stats.damped_cholesky(st.xtx, cfg.damp, method="SVD-LLM")
 
 
 def _replace(model, name: str, m: nn.Module, S: Tensor | None, r: int) -> dict:
@@ -243,18 +232,24 @@ def svd_(model: nn.Module, cfg: SVDConfig, ctx) -> dict:
         spectra = layer_spectra(model, cfg, ctx, targets)
     ranks = dict(zip(names, budget_ranks(cfg, shapes, [spectra[n] for n in names] if spectra else None)))
     layers: dict[str, dict] = {}
+    raised: dict[str, float] = {}
     if cfg.method == "svd":
         for name, m in targets.items():
             layers[name] = _replace(model, name, m, None, ranks[name])
     else:
-        def visit(block_name, group, linears, stats):
-            S = _scaling(cfg, stats)  # one per group: its linears share the input
+        def visit(block_name, group, linears, st):
+            S, used = _scaling(cfg, st)  # one per group: its linears share the input
             for n in group:
                 full = f"{block_name}.{n}"
                 layers[full] = _replace(model, full, linears[n], S, ranks[full])
+                if used is not None and used > cfg.damp:
+                    raised[full] = used
 
         walk_groups(model, ctx.calib, visit, progress=ctx.progress, label=cfg.method)
-    return summary(layers, dict(zip(names, shapes)))
+    out = summary(layers, dict(zip(names, shapes)))
+    if raised:  # X^T X was not positive definite at the configured dampening: say so
+        out["dampening_raised"] = raised
+    return out
 
 
 def asvd_(model: nn.Module, cfg: ASVDConfig, ctx) -> dict:
@@ -282,8 +277,8 @@ def layer_spectra(model, cfg, ctx, targets: dict[str, nn.Module]) -> dict[str, T
         return known
     out = {}
 
-    def visit(block_name, group, linears, stats):
-        S = _scaling(cfg, stats)
+    def visit(block_name, group, linears, st):
+        S, _ = _scaling(cfg, st)
         for n in group:
             out[f"{block_name}.{n}"] = factor.spectrum(arch.linear_weight(linears[n]).detach(), S)
 

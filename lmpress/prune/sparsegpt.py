@@ -1,7 +1,7 @@
 """SparseGPT (Frantar & Alistarh, arXiv 2301.00774): prune and reconstruct each linear layer in one shot.
 
 For a layer ``W`` (out, in) with inputs ``X`` and Hessian ``H = 2 X^T X``, columns are processed left to
-right in lazy blocks of ``blocksize``. At the start of each block the mask is chosen adaptively:
+right in lazy blocks of ``block_size``. At the start of each block the mask is chosen adaptively:
 the weights with the smallest ``w^2 / [H^-1]_jj^2`` in the block (or, for N:M, in each group of M
 columns of a row) are pruned. Each column ``j`` then has its pruned weights zeroed and the error is
 spread over the not-yet-processed columns with the OBS update
@@ -35,42 +35,41 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .. import arch
+from .. import arch, stats
+from ..calib import CALIB_DTYPES
 from ..errors import InputError
+from ..sweep import NONE, sweep_columns
 from . import masks
-from ..sweep import NONE, inverse_hessian_factor, sweep_columns
-from .unstructured import (
-    block_sparsities, calib_dtype_of, check_calib_dtype, check_sparsity_fields, collect_inputs, groups_of, require_calib,
-    summary, zeros_and_numel,
-)
+from .config import CalibratedPruneConfig
+from .unstructured import block_sparsities, groups_of, require_calib, summary, zeros_and_numel
 
 
 @dataclass(frozen=True)
-class SparseGPTConfig:
-    """SparseGPT: mask selection and OBS weight reconstruction per layer (arXiv 2301.00774)."""
+class SparseGPTConfig(CalibratedPruneConfig):
+    """SparseGPT: mask selection and OBS weight reconstruction per layer (arXiv 2301.00774).
+
+    Options of :class:`CalibratedPruneConfig`, with ``sequential`` None by default: off when only
+    pruning (on the default model 0.2-0.5 perplexity worse at 50% on three calibration draws, and 20%
+    slower), on in joint mode (50% + W4 g64: 38.5 vs 40.3 perplexity, rounding errors compound like
+    GPTQ's); resolved when the config is made, so that the saved recipe says what ran. Plus:
+
+    block_size: columns per lazy block (and per adaptive mask selection).
+    damp: added to diag(H), as a fraction of its mean; grows x10 while the Cholesky factorization
+        fails (the report lists the layers where it did).
+    bits, group_size, sym: joint mode: also quantize the kept weights to this many bits, with
+        ``group_size`` columns per scale / zero (-1: per output channel), on a symmetric grid or not.
+    """
 
     method: ClassVar[str] = "sparsegpt"
-    needs_calibration: ClassVar[bool] = True
-    sparsity: float | None = None  # fraction of weights zeroed; default 0.5, or 1 - N/M with a pattern
-    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs of a row
-    blocksize: int = 128  # columns per lazy block (and per adaptive mask selection)
-    dampening: float = 0.01  # added to diag(H), as a fraction of its mean
-    allocation: str = "uniform"  # "uniform", "owl" (outlier-weighted) or "sensitivity" (per-block output error)
-    owl_lambda: float = 0.08  # owl / sensitivity: block sparsities spread over target +- lambda
-    owl_m: float = 5.0
-    # True: groups of linears in a block see the pruned groups before them. None: off when only pruning
-    # (on the default model 0.2-0.5 perplexity worse at 50% on three calibration draws, and 20% slower),
-    # on in joint mode (50% + W4 g64: 38.5 vs 40.3 perplexity, rounding errors compound like GPTQ's)
     sequential: bool | None = None
-    batch_size: int = 8
-    calib_dtype: str = "bfloat16"  # dtype of the block forwards in the calibration passes ("float32": full)
-    bits: int | None = None  # joint mode: also quantize the kept weights to this many bits
-    group_size: int = 64  # joint mode: columns per scale / zero (-1: per output channel)
-    sym: bool = False  # joint mode: symmetric grid
+    block_size: int = 128
+    damp: float = 0.01
+    bits: int | None = None
+    group_size: int = 64
+    sym: bool = False
 
     def __post_init__(self):
-        check_sparsity_fields(self, scopes=("row",))
-        check_calib_dtype(self.calib_dtype)
+        super().__post_init__()
         if self.sequential is None:  # resolved here, so that the saved recipe says what ran
             object.__setattr__(self, "sequential", self.bits is not None)
         if self.bits is not None:
@@ -78,21 +77,19 @@ class SparseGPTConfig:
 
             GridSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
         nm = masks.parse_pattern(self.pattern)
-        if self.blocksize < 1 or (nm and self.blocksize % nm[1]):
-            raise ValueError(f"blocksize {self.blocksize} must be positive (and a multiple of M for N:M)")
-        if not 0 < self.dampening < 1:
-            raise ValueError(f"dampening {self.dampening} must lie in (0, 1), e.g. 0.01")
+        if self.block_size < 1 or (nm and self.block_size % nm[1]):
+            raise ValueError(f"block_size {self.block_size} must be positive (and a multiple of M for N:M)")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp {self.damp} must lie in (0, 1), e.g. 0.01")
 
 
-def hessian_factor(H: Tensor, dampening: float) -> tuple[Tensor, Tensor, float]:
+def hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, Tensor, float]:
     """``(U, dead, used)``: upper Cholesky factor of ``(H + damp I)^-1`` (float32, computed in float64),
     the inputs never active, and the dampening used (raised tenfold while H is not positive definite).
     H: (in, in) -> U: (in, in), dead: bool (in,)
     """
-    H = H.clone().double()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    U, used = inverse_hessian_factor(H, dampening, "SparseGPT")
+    H, dead = stats.without_dead(H.double())
+    U, used = stats.damped_cholesky(H, damp, inverse=True, method="SparseGPT")
     return U.float(), dead, used
 
 
@@ -110,7 +107,7 @@ def sparsegpt_prune(
     U: Tensor,
     sparsity: float,
     nm: tuple[int, int] | None = None,
-    blocksize: int = 128,
+    block_size: int = 128,
     grid: tuple | None = None,
     kernel: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -130,8 +127,8 @@ def sparsegpt_prune(
         col_group = torch.arange(cols) // spec.groups(cols)
         maxq = float(spec.maxq)
     losses = torch.zeros(rows)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2].contiguous()  # (out, b), (b, b)
         d = torch.diag(U1)  # (b,)
         if nm is None:
@@ -161,14 +158,6 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     return (((dW @ H) * dW).sum() / ((W.float() @ H) * W.float()).sum().clamp_min(1e-30)).item()
 
 
-def _hessian(x: Tensor) -> Tensor:
-    """``x^T x`` (in, in) with a float32 product, also for bf16 calibration inputs: SparseGPT's masks
-    follow the inverse Hessian closely, and a product rounded to bf16 is often not positive definite."""
-    from ..quant.gptq import gram
-
-    return gram(x.float())
-
-
 def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
     """SparseGPT on the calibration pipeline, in place."""
     from ..calib import walk_blocks
@@ -180,20 +169,22 @@ def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
 
     def fn(bctx):
         for group in groups_of(bctx, cfg.sequential):
-            Hs = collect_inputs(bctx, group, _hessian)
+            # float32 products, also under bf16 forwards: SparseGPT's masks follow the inverse Hessian
+            # closely, and X^T X rounded to bf16 is often not positive definite
+            st = stats.collect(bctx, group, lambda: stats.InputStats("xtx"))
             factors = {}
             for name in group:
-                H = Hs[name]
+                H = st[name].xtx
                 if id(H) not in factors:
-                    factors[id(H)] = hessian_factor(H, cfg.dampening)
+                    factors[id(H)] = hessian_factor(H, cfg.damp)
                 U, dead, used = factors[id(H)]
                 lin = bctx.linears[name]
                 W = arch.linear_weight(lin).detach().float().clone()
                 W[:, dead] = 0
                 grid = _joint_grid(W, cfg)
-                W_new, _ = sparsegpt_prune(W, U, targets[bctx.index], nm, cfg.blocksize, grid)
+                W_new, _ = sparsegpt_prune(W, U, targets[bctx.index], nm, cfg.block_size, grid)
                 full = f"{bctx.name}.{name}"
-                if used > cfg.dampening:
+                if used > cfg.damp:
                     raised[full] = used
                 errors[full] = relative_error(W, W_new, H)
                 arch.set_linear_weight(lin, W_new.to(lin.weight.dtype))
@@ -202,7 +193,7 @@ def sparsegpt_(model, cfg: SparseGPTConfig, ctx) -> dict:
                     bctx.defer(lambda full=full, W_new=W_new, grid=grid: _store_quantized(model, full, W_new, grid))
 
     walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "sparsegpt",
-                dtype=calib_dtype_of(cfg))
+                dtype=CALIB_DTYPES[cfg.calib_dtype])
     out = {**summary(measured, targets if cfg.allocation != "uniform" else None), "relative_error_per_layer": errors}
     if raised:  # the Hessian was not positive definite at the configured dampening: say so
         out["dampening_raised"] = raised

@@ -25,81 +25,33 @@ turns them into compact ``SparseLinear`` layers before saving.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .. import arch
+from .. import arch, stats
+from ..calib import CALIB_DTYPES
 from ..errors import InputError
-from ..calib import CALIB_DTYPES, check_calib_dtype
 from . import masks
-
-ALLOCATIONS = ("uniform", "owl", "sensitivity")
-
-
-def calib_dtype_of(cfg) -> torch.dtype:
-    """The dtype of the calibration passes (block forwards run on a copy of the block in it)."""
-    return CALIB_DTYPES[getattr(cfg, "calib_dtype", "float32")]
-
-
-def check_sparsity_fields(cfg, *, scopes=masks.SCOPES) -> None:
-    """Shared validation: fills ``sparsity`` from the pattern (or 0.5), checks the rest."""
-    nm = masks.parse_pattern(cfg.pattern)
-    if cfg.sparsity is None:
-        object.__setattr__(cfg, "sparsity", 1 - nm[0] / nm[1] if nm else 0.5)
-    masks.check_sparsity(cfg.sparsity)
-    if nm and abs(cfg.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-        raise ValueError(f"sparsity {cfg.sparsity} contradicts pattern {cfg.pattern} (which means {1 - nm[0] / nm[1]:g}); give one of them")
-    if getattr(cfg, "scope", "row") not in scopes:
-        raise ValueError(f"scope {cfg.scope!r} must be one of {scopes}")
-    allocation = getattr(cfg, "allocation", "uniform")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation {allocation!r} must be one of {ALLOCATIONS}")
-    if allocation != "uniform":
-        if nm:
-            raise ValueError(f"{allocation} allocation gives each block its own sparsity, which an N:M pattern cannot; "
-                             "drop one of them")
-        masks.owl_sparsities(torch.zeros(2), cfg.sparsity, cfg.owl_lambda)  # validates lambda
-        if cfg.owl_m <= 1:
-            raise ValueError(f"owl_m {cfg.owl_m} must be > 1 (outliers are scores above owl_m x the mean)")
+from .config import CalibratedPruneConfig, PruneConfig
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig:
-    """Zero the smallest-magnitude weights of every block linear."""
+class MagnitudeConfig(PruneConfig):
+    """Zero the smallest-magnitude weights of every block linear (options: :class:`PruneConfig`)."""
 
     method: ClassVar[str] = "magnitude"
-    needs_calibration: ClassVar[bool] = False
-    sparsity: float | None = None  # fraction of weights zeroed; default 0.5, or 1 - N/M with a pattern
-    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs of a row
     scope: str = "layer"  # compare within each "row" or the whole "layer"
-
-    def __post_init__(self):
-        check_sparsity_fields(self)
 
 
 @dataclass(frozen=True)
-class WandaConfig:
-    """Wanda: prune by |W| * ||x|| per output row (arXiv 2306.11695)."""
+class WandaConfig(CalibratedPruneConfig):
+    """Wanda: prune by |W| * ||x|| per output row (arXiv 2306.11695); options: :class:`CalibratedPruneConfig`."""
 
     method: ClassVar[str] = "wanda"
-    needs_calibration: ClassVar[bool] = True
-    sparsity: float | None = None  # fraction of weights zeroed; default 0.5, or 1 - N/M with a pattern
-    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs of a row
     scope: str = "row"  # compare within each "row" (the paper) or the whole "layer"
-    allocation: str = "uniform"  # "uniform", "owl" (outlier-weighted) or "sensitivity" (per-block output error)
-    owl_lambda: float = 0.08  # owl / sensitivity: block sparsities spread over target +- lambda
-    owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the layer mean
-    sequential: bool = False  # True: groups of linears in a block see the pruned groups before them (slower)
-    batch_size: int = 8  # calibration rows per forward
-    calib_dtype: str = "bfloat16"  # dtype of the calibration passes ("float32": full precision)
-
-    def __post_init__(self):
-        check_sparsity_fields(self)
-        check_calib_dtype(self.calib_dtype)
 
 
 def make_mask(scores: Tensor, sparsity: float, pattern: str | None, scope: str) -> Tensor:
@@ -117,25 +69,9 @@ def require_calib(ctx, method: str) -> Tensor:
 # ---- plumbing shared with SparseGPT -------------------------------------------------------
 
 
-def collect_inputs(bctx, names: list[str], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    """``{name: sum over batches of reduce(x)}`` for each named linear's input x (tokens, in).
-    Linears that read the same input (one of ``bctx.groups``) share one accumulator.
-    """
-    rep = {}  # name -> the first named member of its input group
-    for g in bctx.groups:
-        members = [n for n in g if n in names]
-        rep.update({n: members[0] for n in members})
-    sums: dict[str, Tensor] = {}
-
-    def observer(r):
-        def f(x):
-            v = reduce(x)
-            sums[r] = v if r not in sums else sums[r] + v
-
-        return f
-
-    bctx.collect({r: observer(r) for r in sorted(set(rep.values()))})
-    return {n: sums[rep[n]] for n in names}
+def input_norms(bctx, names: list[str]) -> dict[str, Tensor]:
+    """``{name: Σ x²}`` (in,) over the calibration rows of each named linear's input (Wanda's ``||X_j||²``)."""
+    return {n: st.sq_sum for n, st in stats.collect(bctx, names, lambda: stats.InputStats("sq")).items()}
 
 
 def groups_of(bctx, sequential: bool) -> list[list[str]]:
@@ -147,7 +83,7 @@ def block_sparsities(model, cfg, calib: Tensor, progress) -> list[float]:
     """One sparsity per block: uniform, or allocated from one pass over the dense model (OWL's
     Wanda-score outlier ratios, or each block's output error when pruned alone)."""
     n_blocks = len(arch.blocks(model))
-    allocation = getattr(cfg, "allocation", "uniform")
+    allocation = cfg.allocation
     if allocation == "uniform":
         return [cfg.sparsity] * n_blocks
     from ..calib import walk_blocks
@@ -156,11 +92,10 @@ def block_sparsities(model, cfg, calib: Tensor, progress) -> list[float]:
     scores = torch.zeros(n_blocks)
 
     def fn(bctx):
-        norms = collect_inputs(bctx, list(bctx.linears), _sum_squares)
-        scores[bctx.index] = measure(bctx, norms, cfg)
+        scores[bctx.index] = measure(bctx, input_norms(bctx, list(bctx.linears)), cfg)
 
     walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=progress and f"{allocation} allocation",
-                dtype=calib_dtype_of(cfg))
+                dtype=CALIB_DTYPES[cfg.calib_dtype])
     return masks.owl_sparsities(scores, cfg.sparsity, cfg.owl_lambda).tolist()
 
 
@@ -181,11 +116,6 @@ def _pruned_output_error(bctx, norms: dict[str, Tensor], cfg) -> float:
         arch.set_linear_weight(lin, W * keep)
     with torch.no_grad():
         return masks.relative_output_error([(x, bctx.forward(x, dense), bctx.forward(x, pruned)) for x in bctx.inputs])
-
-
-def _sum_squares(x: Tensor) -> Tensor:
-    x = x.float()
-    return (x * x).sum(0)  # (in,)
 
 
 def zeros_and_numel(W: Tensor) -> tuple[int, int]:
@@ -226,7 +156,7 @@ def wanda_(model, cfg: WandaConfig, ctx) -> dict:
 
     def fn(bctx):
         for group in groups_of(bctx, cfg.sequential):
-            norms = collect_inputs(bctx, group, _sum_squares)
+            norms = input_norms(bctx, group)
             for name in group:
                 lin = bctx.linears[name]
                 W = arch.linear_weight(lin).detach()
@@ -234,5 +164,6 @@ def wanda_(model, cfg: WandaConfig, ctx) -> dict:
                 arch.set_linear_weight(lin, W * keep)
                 measured[f"{bctx.name}.{name}"] = zeros_and_numel(arch.linear_weight(lin))
 
-    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "wanda", dtype=calib_dtype_of(cfg))
+    walk_blocks(model, calib, fn, batch_size=cfg.batch_size, progress=ctx.progress and "wanda",
+                dtype=CALIB_DTYPES[cfg.calib_dtype])
     return summary(measured, targets if cfg.allocation != "uniform" else None)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import arch
+from .. import arch, stats
 from ..errors import InputError
 from .config import QuantConfig
 from .grid import GridSpec, choose_params, dequantize, fake_quantize, grid_params, quantize_codes
@@ -67,7 +67,7 @@ def fold_scale(prev: nn.Module, linears: list[nn.Module], s: Tensor) -> None:
             arch.set_linear_weight(prev, w / s[:, None])
             if getattr(prev, "bias", None) is not None:
                 prev.bias.div_(s)
-        elif "Gemma" in type(prev).__name__:  # RMSNorm computing x * (1 + weight)
+        elif arch.norm_adds_one(prev):  # RMSNorm computing x * (1 + weight)
             prev.weight.copy_((1 + prev.weight) / s - 1)
         else:  # RMSNorm / LayerNorm: x * weight (+ bias)
             prev.weight.div_(s)
@@ -75,36 +75,6 @@ def fold_scale(prev: nn.Module, linears: list[nn.Module], s: Tensor) -> None:
                 prev.bias.div_(s)
         for lin in linears:
             arch.set_linear_weight(lin, arch.linear_weight(lin) * s[None, :])
-
-
-class InputStats:
-    """Mean |x|, mean x^2 per channel over all tokens, and an evenly spaced sample of rows."""
-
-    def __init__(self, keep: int, stride: int):
-        self.abs_sum = self.sq_sum = 0
-        self.n = 0
-        self.rows: list[Tensor] = []
-        self.keep, self.stride = keep, stride
-
-    def __call__(self, x: Tensor) -> None:
-        x = x.float()
-        self.abs_sum = self.abs_sum + x.abs().sum(0)
-        self.sq_sum = self.sq_sum + (x * x).sum(0)
-        self.n += x.shape[0]
-        if sum(r.shape[0] for r in self.rows) < self.keep:
-            self.rows.append(x[:: self.stride].clone())
-
-    @property
-    def absmean(self) -> Tensor:
-        return self.abs_sum / self.n
-
-    @property
-    def sqmean(self) -> Tensor:
-        return self.sq_sum / self.n
-
-    @property
-    def sample(self) -> Tensor:
-        return torch.cat(self.rows)[: self.keep]
 
 
 def awq_(model, cfg: AWQConfig, ctx) -> dict:
@@ -122,8 +92,7 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
 
     def per_block(bctx):
         lin = bctx.linears
-        stats = {n: InputStats(cfg.sample_tokens, stride) for n in lin}
-        bctx.collect(stats)
+        st = stats.collect(bctx, list(lin), lambda: stats.InputStats("abs", "sq", rows=cfg.sample_tokens, stride=stride))
         for prev_name, names in pairs:
             prev = bctx.block.get_submodule(prev_name)
             mods = [lin[n] for n in names]
@@ -132,11 +101,10 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
                 continue
             W = torch.cat([arch.linear_weight(m).detach().float() for m in mods])
             spec = cfg.layer_grid(f"{bctx.name}.{names[0]}") or cfg.grid()
-            st = stats[names[0]]
-            s, alpha = awq_scale(st.absmean, st.sample, W, spec, cfg.n_grid)
+            s, alpha = awq_scale(st[names[0]].mean_abs, st[names[0]].sample, W, spec, cfg.n_grid)
             fold_scale(prev, mods, s)
-            for n in names:
-                stats[n].sq_sum = stats[n].sq_sum / s**2  # the inputs are now x / s
+            for acc in {id(st[n]): st[n] for n in names}.values():  # once per input group
+                acc.divide_inputs(s)  # the inputs are now x / s
             report["alphas"][f"{bctx.name}.{names[0]}"] = alpha
         for n, m in lin.items():
             full = f"{bctx.name}.{n}"
@@ -144,7 +112,7 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
             if spec is None:
                 continue
             w = arch.linear_weight(m).detach().float()
-            s, z = choose_params(w, spec, cfg.clip_search, col_weight=stats[n].sqmean)
+            s, z = choose_params(w, spec, cfg.clip_search, col_weight=st[n].mean_sq)
             q = quantize_codes(w, s, z, spec)
             arch.set_linear_weight(m, dequantize(q, s, z))
             bctx.defer(lambda full=full, q=q, s=s, z=z, spec=spec: replace_linear(model, full, q, s, z, spec))

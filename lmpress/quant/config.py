@@ -23,6 +23,7 @@ class QuantConfig:
         (None: leave it in float). Saves decode time: the head is the largest matrix of small models.
     """
 
+    family: ClassVar[str] = "quant"
     method: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     bits: int = 4

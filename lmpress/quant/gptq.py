@@ -12,24 +12,24 @@ Recipe::
       calib_dtype: bfloat16  # the default; float32 for passes at full precision
 
 The Hessian ``H = 2/n X^T X`` of each linear's inputs comes from the calibration pipeline; the
-layers of a block that read the same input (q/k/v, gate/up) share one Hessian. With
-``true_sequential`` each such group is quantized before the next group's inputs are collected, so
+layers of a block that read the same input (q/k/v, gate/up) share one Hessian
+(:class:`lmpress.stats.InputStats`). With ``sequential`` each such group is quantized before the next group's inputs are collected, so
 later layers see the quantization error of earlier ones.
 """
 
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .. import arch
+from .. import arch, stats
 from ..calib import CALIB_DTYPES, check_calib_dtype
 from ..errors import InputError
-from ..sweep import NONE, inverse_hessian_factor, sweep_columns
+from ..sweep import NONE, sweep_columns
 from .config import QuantConfig
 from .grid import GridSpec, choose_params, dequantize
 from .qlinear import quantize_head_, replace_linear
@@ -40,11 +40,12 @@ class GPTQConfig(QuantConfig):
     """GPTQ options (plus the common ones of :class:`QuantConfig`).
 
     damp: dampening added to the Hessian diagonal, as a fraction of its mean; grows x10 while the
-        Cholesky factorization fails. block_size: columns per lazy batch update.
+        Cholesky factorization fails (the report lists the layers where it did). block_size: columns
+        per lazy batch update.
     act_order (on by default): quantize columns by decreasing Hessian diagonal; groups keep their
         original columns (scales computed up front, "static groups"), so packing and kernels are
         unchanged. On the default model it cuts W4 g64's perplexity increase by about a third.
-    true_sequential: quantize q/k/v, then o, then gate/up, then down, each on inputs that already
+    sequential: quantize q/k/v, then o, then gate/up, then down, each on inputs that already
         carry the earlier groups' quantization (about 1.5x the calibration passes; off by default).
     clip_search (on by default for GPTQ): each group's scale and zero come from a clip search that
         minimises the group's squared error, instead of its min/max.
@@ -58,15 +59,52 @@ class GPTQConfig(QuantConfig):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
-    true_sequential: bool = False
+    sequential: bool = False
     clip_search: bool = True
     calib_dtype: str = "bfloat16"
 
     def __post_init__(self):
         super().__post_init__()
         check_calib_dtype(self.calib_dtype)
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp {self.damp} must lie in [0, 1), e.g. 0.01")
+        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"block_size {self.block_size!r} must be a positive integer, e.g. 128")
 
 
+@dataclass(frozen=True)
+class InverseHessian:
+    """What the column sweep needs from a layer's Hessian H (in, in); layers reading one input share it."""
+
+    U: Tensor  # (in, in) upper Cholesky factor of (H + λI)^-1, rows and columns in the order perm
+    perm: Tensor  # (in,) column order: decreasing diag(H) with act_order, else 0..in-1
+    dead: Tensor  # bool (in,): inputs never active; their weights are zeroed
+    act_order: bool
+    damp: float  # the dampening used: above the configured one where H was not positive definite
+
+
+def inverse_hessian(H: Tensor, damp: float = 0.01, act_order: bool = False) -> InverseHessian:
+    H, dead = stats.without_dead(H.detach().float())
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.shape[0])
+    U, used = stats.damped_cholesky(H[perm][:, perm], damp, inverse=True, method="GPTQ")
+    return InverseHessian(U, perm, dead, act_order, used)
+
+
+@contextmanager
+def _sweep_threads(kernel: bool):
+    """Yields whether the C++ sweep runs. Without it the torch column loop runs on one thread: it is
+    many tiny ops, where threads only add synchronisation."""
+    from .kernels import gptq_extension
+
+    if kernel and gptq_extension() is not None:
+        yield True
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield False
+    finally:
+        torch.set_num_threads(threads)
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, block_size: int = 128,
@@ -76,35 +114,26 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, b
 
     ``kernel``: run the column sweep (:mod:`lmpress.sweep`) in C++ when it is available, else in
     its torch reference loop (same arithmetic)."""
-    from .kernels import gptq_extension
-
-    if kernel and gptq_extension() is not None:
-        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the torch column loop is many tiny ops: threads only add synchronisation
-    try:
-        return _gptq(W, H, spec, damp, block_size, act_order, clip_search, False)
-    finally:
-        torch.set_num_threads(threads)
+    with _sweep_threads(kernel) as kernel:
+        return gptq_solve(W, inverse_hessian(H, damp, act_order), spec, block_size=block_size,
+                          clip_search=clip_search, kernel=kernel)
 
 
-def _gptq(W, H, spec, damp, block_size, act_order, clip_search, kernel):
+def gptq_solve(W: Tensor, hinv: InverseHessian, spec: GridSpec, *, block_size: int = 128,
+               clip_search: bool = False, kernel: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gptq_quantize` with the inverse Hessian factored already."""
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
     out_f, cols = W.shape
     gs = spec.groups(cols)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    static = act_order or gs == cols  # group parameters fixed up front
+    W[:, hinv.dead] = 0.0
+    perm, U = hinv.perm, hinv.U
+    static = hinv.act_order or gs == cols  # group parameters fixed up front
     if static:
         s_all, z_all = choose_params(W, spec, clip_search)
     else:
         s_all, z_all = torch.empty(out_f, cols // gs), torch.empty(out_f, cols // gs)
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
     group_of = perm // gs  # group of each (permuted) column
-    U, _ = inverse_hessian_factor(H, damp)
     Q = torch.empty_like(W)
     maxq = float(spec.maxq)
     if not static:  # groups are contiguous: a block holds whole groups
@@ -130,43 +159,6 @@ def _gptq(W, H, spec, damp, block_size, act_order, clip_search, kernel):
     return Q[:, inv].to(torch.uint8), s_all, z_all
 
 
-def gram(x: Tensor, min_split: int = 1024) -> Tensor:
-    """``x^T x`` (in, in) as float32 for x (tokens, in), the product in x's dtype (bf16 inputs: a bf16
-    product, summed by the caller in float32). Wide inputs are cut into three column blocks and each
-    off-diagonal block is computed once (6 of 9 block products: about 20% faster here)."""
-    d = x.shape[1]
-    if d < min_split:
-        return (x.T @ x).float()
-    size = math.ceil(d / 3)
-    parts = [p.contiguous() for p in x.split(size, dim=1)]
-    out = torch.empty(d, d)
-    for i, a in enumerate(parts):
-        for j in range(i, len(parts)):
-            blk = (a.T @ parts[j]).float()
-            ri, rj = slice(i * size, i * size + a.shape[1]), slice(j * size, j * size + parts[j].shape[1])
-            out[ri, rj] = blk
-            if j != i:
-                out[rj, ri] = blk.T
-    return out
-
-
-class HessianAccumulator:
-    """Running ``2/n sum x^T x`` over calibration tokens; x: (tokens, in)."""
-
-    def __init__(self):
-        self.sum: Tensor | None = None
-        self.n = 0
-
-    def __call__(self, x: Tensor) -> None:
-        xtx = gram(x)
-        self.sum = xtx if self.sum is None else self.sum.add_(xtx)
-        self.n += x.shape[0]
-
-    @property
-    def H(self) -> Tensor:
-        return 2.0 * self.sum / self.n
-
-
 def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
     """Quantize every block linear of ``model`` in place with GPTQ on ``ctx.calib``."""
     from ..calib import walk_blocks
@@ -174,6 +166,7 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
     if ctx.calib is None:
         raise InputError("GPTQ needs calibration data")
     errors: dict[str, float] = {}
+    raised: dict[str, float] = {}
 
     def quantize_group(bctx, names, H):
         by_spec: dict[GridSpec, list[str]] = {}
@@ -181,33 +174,43 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
             spec = cfg.layer_grid(f"{bctx.name}.{n}")
             if spec is not None:
                 by_spec.setdefault(spec, []).append(n)
-        for spec, ns in by_spec.items():
+        if not by_spec:
+            return
+        Ws = {n: arch.linear_weight(bctx.linears[n]).detach().float() for ns in by_spec.values() for n in ns}
+        with _sweep_threads(True) as kernel:
+            hinv = inverse_hessian(H, cfg.damp, cfg.act_order)
             # layers reading one input share H: GPTQ treats rows independently, so one solve over
             # their stacked rows gives each layer's exact result with one factorization and loop
-            Ws = [arch.linear_weight(bctx.linears[n]).detach().float() for n in ns]
-            q, s, z = gptq_quantize(torch.cat(Ws), H, spec, damp=cfg.damp, block_size=cfg.block_size,
-                                    act_order=cfg.act_order, clip_search=cfg.clip_search)
-            rows = [w.shape[0] for w in Ws]
-            for n, W, qi, si, zi in zip(ns, Ws, q.split(rows), s.split(rows), z.split(rows)):
+            solved = {spec: gptq_solve(torch.cat([Ws[n] for n in ns]), hinv, spec, block_size=cfg.block_size,
+                                       clip_search=cfg.clip_search, kernel=kernel) for spec, ns in by_spec.items()}
+        for spec, ns in by_spec.items():
+            q, s, z = solved[spec]
+            rows = [Ws[n].shape[0] for n in ns]
+            for n, qi, si, zi in zip(ns, q.split(rows), s.split(rows), z.split(rows)):
+                W = Ws[n]
                 full = f"{bctx.name}.{n}"
                 Wq = dequantize(qi, si, zi)
                 D = Wq - W
                 errors[full] = (((D @ H) * D).sum() / ((W @ H) * W).sum()).item()
+                if hinv.damp > cfg.damp:
+                    raised[full] = hinv.damp
                 arch.set_linear_weight(bctx.linears[n], Wq)  # same outputs as the packed layer, faster here
                 bctx.defer(lambda full=full, q=qi, s=si, z=zi, spec=spec: replace_linear(model, full, q, s, z, spec))
 
     def per_block(bctx):
         groups = bctx.groups
-        batches = [[g] for g in groups] if cfg.true_sequential else [groups]
+        batches = [[g] for g in groups] if cfg.sequential else [groups]
         for batch in batches:
-            accs = {g[0]: HessianAccumulator() for g in batch}
-            bctx.collect(accs)
+            st = stats.collect(bctx, [n for g in batch for n in g], lambda: stats.InputStats("xtx", upcast=False))
             for g in batch:
-                quantize_group(bctx, g, accs[g[0]].H)
+                quantize_group(bctx, g, st[g[0]].hessian)
 
     walk_blocks(model, ctx.calib, per_block, progress="gptq" if ctx.progress else False,
                 dtype=CALIB_DTYPES[cfg.calib_dtype])
     if cfg.head_bits:
         quantize_head_(model, GridSpec(cfg.head_bits, cfg.group_size, cfg.sym))
     vals = list(errors.values())
-    return {"layers": len(vals), "relative_output_error_mean": sum(vals) / max(1, len(vals))}
+    out = {"layers": len(vals), "relative_output_error_mean": sum(vals) / max(1, len(vals))}
+    if raised:  # the Hessian was not positive definite at the configured dampening: say so
+        out["dampening_raised"] = raised
+    return out
