@@ -205,3 +205,12 @@ def compressible_linears(model: nn.Module) -> dict[str, nn.Module]:
         for n, m in block_linears(b).items():
             out[f"{spec.blocks}.{i}.{n}"] = m
     return out
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """The architecture of ``model``'s config on the meta device: the layer types and shapes a plain
+    load builds (e.g. which linears GPT-2 stores as ``Conv1D``)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.config)

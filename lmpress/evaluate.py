@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .progress import bar

@@ -273,7 +273,13 @@ def save_model(model, out: str | os.PathLike, *, tokenizer=None, format: str = "
     out = check_output(out, overwrite=overwrite)
     fmt = formats.choose(model, format)
     metadata = _metadata(recipe, data)
-    return _atomic_folder(out, lambda tmp: _write(formats.writer(fmt), model, tmp, metadata, tokenizer))
+    saved = _atomic_folder(out, lambda tmp: _write(formats.writer(fmt), model, tmp, metadata, tokenizer))
+    note = formats.load_note(saved, fmt)
+    if note:
+        from .assets import log
+
+        log(f"note: {saved} is {fmt}; {note}")
+    return saved
 
 
 def export(src, out: str | os.PathLike, *, format: str = "auto", overwrite: bool = False,

@@ -28,40 +28,33 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: where the method lives, its family, a one-line summary (the CLI's help) and
-    the finishing step run right after it (``"module:function"``, called ``fn(model, cfg) -> dict``),
-    so that ``lmpress.prune_(model, cfg)`` and a recipe give the same model from one config."""
+    """A registry entry: where the method lives, a one-line summary (the CLI's help) and the finishing
+    step run right after it (``"module:function"``, called ``fn(model, cfg) -> dict``), so that
+    ``lmpress.prune_(model, cfg)`` and a recipe give the same model from one config. The method's
+    family (quant, prune, lowrank, distill) is its config's ``family`` class attribute."""
 
     module: str
     config: str
     fn: str
-    family: str  # quant | prune | lowrank | distill
     summary: str
     finish: str | None = None
 
 
 _SPARSE = "lmpress.prune.sparse:store_sparse_"
 METHODS: dict[str, Method] = {
-    "rtn": Method("lmpress.quant.rtn", "RTNConfig", "rtn_", "quant", "round-to-nearest weight quantization"),
-    "gptq": Method("lmpress.quant.gptq", "GPTQConfig", "gptq_", "quant", "GPTQ: quantization with Hessian error feedback"),
-    "awq": Method("lmpress.quant.awq", "AWQConfig", "awq_", "quant", "AWQ: activation-aware scaling, then rounding"),
-    "magnitude": Method("lmpress.prune.unstructured", "MagnitudeConfig", "magnitude_", "prune",
-                        "unstructured / N:M pruning by weight magnitude", _SPARSE),
-    "wanda": Method("lmpress.prune.unstructured", "WandaConfig", "wanda_", "prune",
-                    "Wanda: pruning by |weight| x input norm", _SPARSE),
-    "sparsegpt": Method("lmpress.prune.sparsegpt", "SparseGPTConfig", "sparsegpt_", "prune",
-                        "SparseGPT: pruning with Hessian updates (with bits: joint pruning + quantization)", _SPARSE),
-    "prune-width": Method("lmpress.prune.structured", "WidthPruneConfig", "prune_width_", "prune",
-                          "structured width pruning (heads, MLP channels, hidden)"),
-    "prune-depth": Method("lmpress.prune.structured", "DepthPruneConfig", "prune_depth_", "prune",
-                          "depth pruning (drop whole blocks)"),
-    "svd": Method("lmpress.lowrank.svd", "SVDConfig", "svd_", "lowrank", "truncated SVD of each linear"),
-    "asvd": Method("lmpress.lowrank.svd", "ASVDConfig", "asvd_", "lowrank", "activation-aware SVD"),
-    "svd-llm": Method("lmpress.lowrank.svd", "SVDLLMConfig", "svd_llm_", "lowrank", "SVD-LLM: truncation-aware whitening"),
-    "dsformer": Method("lmpress.lowrank.dsformer", "DSFormerConfig", "dsformer_", "lowrank",
-                       "DSFormer: dense x sparse factorization"),
-    "distill": Method("lmpress.distill.engine", "DistillConfig", "distill_", "distill",
-                      "distillation toward the original model (also QAT with qat_bits)"),
+    "rtn": Method("lmpress.quant.rtn", "RTNConfig", "rtn_", "round-to-nearest weight quantization"),
+    "gptq": Method("lmpress.quant.gptq", "GPTQConfig", "gptq_", "GPTQ: quantization with Hessian error feedback"),
+    "awq": Method("lmpress.quant.awq", "AWQConfig", "awq_", "AWQ: activation-aware scaling, then rounding"),
+    "magnitude": Method("lmpress.prune.unstructured", "MagnitudeConfig", "magnitude_", "unstructured / N:M pruning by weight magnitude", _SPARSE),
+    "wanda": Method("lmpress.prune.unstructured", "WandaConfig", "wanda_", "Wanda: pruning by |weight| x input norm", _SPARSE),
+    "sparsegpt": Method("lmpress.prune.sparsegpt", "SparseGPTConfig", "sparsegpt_", "SparseGPT: pruning with Hessian updates (with bits: joint pruning + quantization)", _SPARSE),
+    "prune-width": Method("lmpress.prune.width", "WidthPruneConfig", "prune_width_", "structured width pruning (heads, MLP channels, hidden)"),
+    "prune-depth": Method("lmpress.prune.depth", "DepthPruneConfig", "prune_depth_", "depth pruning (drop whole blocks)"),
+    "svd": Method("lmpress.lowrank.svd", "SVDConfig", "svd_", "truncated SVD of each linear"),
+    "asvd": Method("lmpress.lowrank.svd", "ASVDConfig", "asvd_", "activation-aware SVD"),
+    "svd-llm": Method("lmpress.lowrank.svd", "SVDLLMConfig", "svd_llm_", "SVD-LLM: truncation-aware whitening"),
+    "dsformer": Method("lmpress.lowrank.dsformer", "DSFormerConfig", "dsformer_", "DSFormer: dense x sparse factorization"),
+    "distill": Method("lmpress.distill.engine", "DistillConfig", "distill_", "distillation toward the original model (also QAT with qat_bits)"),
 }
 
 
@@ -104,7 +97,7 @@ def _entry(name: str):
 
 
 def family(cfg) -> str:
-    return entry(cfg.method).family
+    return type(cfg).family
 
 
 def config_class(name: str):
@@ -185,8 +178,13 @@ def needs_calibration(cfg) -> bool:
 
 
 def apply(model, cfg, ctx: RunContext) -> dict:
-    """Apply one method config to ``model`` in place, then its finishing step; returns its figures."""
+    """Apply one method config to ``model`` in place, then its finishing step; returns its figures.
+    Compact sparse layers of an earlier step are turned back into dense ones first (exactly), so
+    every method sees the plain layers it expects; the finishing step stores them compactly again."""
+    from .prune.sparse import densify_
+
     _, fn = _entry(cfg.method)
+    densify_(model)
     info = fn(model, cfg, ctx) or {}
     finish = entry(cfg.method).finish
     if finish:

@@ -48,7 +48,7 @@ def _build(kind, recipe, sparsify):
     for method, options in recipe:
         apply(model, make_config(method, **options), RunContext(calib=CALIB, progress=False))
     if sparsify is not None:
-        assert sparsify_(model, pattern=sparsify or None)
+        assert any(isinstance(m, SparseLinear) for m in model.modules())  # the pruning step stored them (its finish)
     meta = {"recipe": [{"method": m, **o} for m, o in recipe]}
     return model, meta
 

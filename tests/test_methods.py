@@ -8,6 +8,7 @@ from test_cli import _tok
 from tiny import tiny_model
 
 import lmpress
+import lmpress.formats
 from lmpress import recipe as rc
 
 # method -> options small enough for a tiny llama (hidden 64, MLP 128, 3 blocks)
@@ -74,7 +75,16 @@ def _plain_transformers_loads_it_right_or_refuses(out, fmt, model, ids):
         with pytest.raises(ValueError, match="lmpress"):
             AutoModelForCausalLM.from_pretrained(out)
         return
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    kw = {}
+    if fmt == "compressed-tensors" and lmpress.formats.load_note(out, fmt):
+        # asymmetric zero points: transformers 5.x + compressed-tensors 0.20 refuse them in a plain load
+        # (an upstream bug, pinned in test_compressed_tensors.py); loud, and exact when dequantized on load
+        with pytest.raises(RuntimeError, match="mismatch"):
+            AutoModelForCausalLM.from_pretrained(out)
+        from transformers import CompressedTensorsConfig
+
+        kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
 

@@ -159,7 +159,7 @@ def test_depth_zero_blocks_and_target_params():
     ("prune-width", {"importance": "cosine"}, "importance"),
     ("prune-width", {"heads": False, "mlp": False}, "nothing to prune"),
     ("prune-width", {"hidden": 1.5}, "fraction of hidden channels"),
-    ("prune-width", {"hidden": "yes"}, "fraction of hidden channels"),
+    ("prune-width", {"hidden": "yes"}, "hidden must be true or false or a number"),
     ("prune-depth", {}, "exactly one"),
     ("prune-depth", {"drop_layers": 2, "target_params": 0.5}, "exactly one"),
     ("prune-depth", {"drop_layers": -1}, "non-negative"),

@@ -55,6 +55,7 @@ class DistillConfig:
     """Distillation settings; the same object is the Python argument and the recipe entry."""
 
     method: ClassVar[str] = "distill"
+    family: ClassVar[str] = "distill"
     needs_calibration: ClassVar[bool] = False
 
     loss: str = "fkl"  # fkl rkl jsd tv skl srkl tsld cakld, or ce (plain fine-tuning, no teacher)

@@ -134,7 +134,7 @@ def to_fake_quant_(model: nn.Module, bits: int, group_size: int, *, learn_clip: 
         W = arch.linear_weight(lin).detach().float()  # (out, in)
         clip = mse_clip_factors(W, GridSpec(bits, group_size, fake=True), **INIT_CLIP_SEARCH) if init_clip == "mse" else None
         fq = FakeQuantLinear(W, getattr(lin, "bias", None), bits, group_size, learn_clip=learn_clip, clip=clip,
-                             conv1d=type(lin).__name__ == "Conv1D")
+                             conv1d=arch.is_conv1d(lin))
         arch.set_module(model, name, fq)
         new[name] = fq
     if not new:

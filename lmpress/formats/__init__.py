@@ -119,3 +119,14 @@ def detect(raw_config: dict) -> str:
     if isinstance(meta, dict):
         return meta.get("format", "lmpress")
     return "hf"
+
+
+def load_note(folder, fmt: str) -> str | None:
+    """What a user of another tool must know to load ``folder`` (written in ``fmt``), or None."""
+    import json
+    from pathlib import Path
+
+    if fmt != "compressed-tensors":
+        return None
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+    return writer(fmt).transformers_caveat(qc) if qc else None

@@ -61,6 +61,7 @@ from .. import arch
 from ..errors import InputError
 from ..prune.sparse import SparseLinear
 from ..quant import pack
+from ..quant.grid import BITS
 from ..quant.qlinear import QuantLinear
 
 FORMAT = "pack-quantized"
@@ -124,7 +125,7 @@ def _why_not(name: str, m: nn.Module, built: nn.Module | None) -> str | None:
         return None
     if not isinstance(m, (QuantLinear, SparseLinear)) and kind != "linear":  # "linear": a reshaped nn.Linear
         return f"{name} is a {type(m).__name__} (kind {kind!r}), which compressed-tensors cannot express: {own}"
-    conv = type(built).__name__ == "Conv1D"
+    conv = arch.is_conv1d(built)
     shape = tuple(built.weight.shape[::-1] if conv else built.weight.shape) if built is not None else None
     if shape != (m.out_features, m.in_features):
         return (f"{name} has {m.out_features}x{m.in_features} weights but the config builds {shape} (non-uniform "
@@ -255,7 +256,7 @@ def checkpoint_state(model: nn.Module, ref: dict[str, nn.Module]) -> dict[str, T
             state.update({f"{name}.{k}": v for k, v in compressed_tensors_of(m, scale_dtype).items()})
         else:
             W = m.dense_weight().to(m.values.dtype)  # (out, in), exact zeros
-            state[f"{name}.weight"] = W.T.contiguous() if type(ref.get(name)).__name__ == "Conv1D" else W
+            state[f"{name}.weight"] = W.T.contiguous() if arch.is_conv1d(ref.get(name)) else W
     return state
 
 
@@ -387,7 +388,7 @@ def _why_float(layer: dict[str, Tensor], args: dict, module: nn.Module) -> str |
     scale = layer["weight_scale"]
     if not isinstance(module, nn.Linear):
         return f"a quantized {type(module).__name__}"
-    if bits not in pack.SUPPORTED_BITS:
+    if bits not in BITS:
         return f"{bits}-bit codes, which lmpress does not pack"
     if "weight_g_idx" in layer:
         return "groups permuted by g_idx"

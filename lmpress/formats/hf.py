@@ -17,21 +17,13 @@ from .. import arch
 from . import layer_metadata
 
 
-def _skeleton(model: nn.Module) -> nn.Module:
-    """The architecture of ``model``'s config on the meta device: the shapes a plain load builds."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model.config)
-
-
 def unsupported(model: nn.Module) -> str | None:
     layers = layer_metadata(model)
     other = sorted({m["kind"] for m in layers.values()} - {"sparse"})
     if other:
         return f"it holds {', '.join(other)} layers, which a plain folder has no place for"
     if layers:
-        skel = _skeleton(model)
+        skel = arch.skeleton(model)
         for name, meta in layers.items():
             w = arch.linear_weight(skel.get_submodule(name))
             if tuple(w.shape) != (meta["out_features"], meta["in_features"]):
@@ -43,11 +35,11 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict a plain load expects: each sparse layer's dense weight (exact zeros) in the
     original layer's layout (GPT-2's ``Conv1D`` stores it transposed)."""
     sparse = {n: m for n, m in model.named_modules() if getattr(m, "kind", None) == "sparse"}
-    skel = _skeleton(model) if sparse else None
+    skel = arch.skeleton(model) if sparse else None
     state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in sparse}
     for name, m in sparse.items():
         w = m.dense_weight().detach()
-        state[f"{name}.weight"] = w.t().contiguous() if type(skel.get_submodule(name)).__name__ == "Conv1D" else w  # TODO arch.is_conv1d
+        state[f"{name}.weight"] = w.t().contiguous() if arch.is_conv1d(skel.get_submodule(name)) else w
         if m.bias is not None:
             state[f"{name}.bias"] = m.bias.detach()
     return state

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from .. import arch
-from ..errors import InputError
 from . import factor, svd
 from .layers import DenseSparseLinear, index_dtype
 

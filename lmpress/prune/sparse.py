@@ -165,7 +165,7 @@ def sparsify_(model: nn.Module, *, pattern: str | None = None, dtype=None, min_s
     masks.check_sparsity(min_sparsity)
     swapped = {}
     for name, lin in arch.compressible_linears(model).items():
-        if not (isinstance(lin, nn.Linear) or type(lin).__name__ == "Conv1D"):
+        if not arch.is_dense_linear(lin):
             continue  # already compressed (sparse, quantized, factorized)
         W = arch.linear_weight(lin).detach()
         sparsity = (W == 0).float().mean().item()
@@ -187,3 +187,27 @@ def store_sparse_(model: nn.Module, cfg) -> dict:
     them. Returns ``{"sparse_layers": {name: measured sparsity}}``."""
     swapped = sparsify_(model, pattern=getattr(cfg, "pattern", None))
     return {"sparse_layers": swapped} if swapped else {}
+
+
+def densify_(model: nn.Module) -> int:
+    """Turn :class:`SparseLinear` layers back into the plain layers they replaced (``nn.Linear``, or
+    GPT-2's ``Conv1D``), holding the same weights: a later method then works on dense matrices as
+    it would without the compact storage. Returns the number of layers turned back."""
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if not sparse:
+        return 0
+    skel = arch.skeleton(model)
+    for name, m in sparse.items():
+        W = m.dense_weight().detach()  # (out, in)
+        if arch.is_conv1d(skel.get_submodule(name)):
+            from transformers.pytorch_utils import Conv1D
+
+            new = Conv1D(W.shape[0], W.shape[1])
+            new.weight.data = W.t().contiguous()
+        else:
+            new = nn.Linear(W.shape[1], W.shape[0], bias=m.bias is not None)
+            new.weight.data = W.clone()
+        if m.bias is not None:
+            new.bias.data = m.bias.detach().clone()
+        arch.set_module(model, name, new)
+    return len(sparse)
