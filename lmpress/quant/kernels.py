@@ -8,10 +8,9 @@
   registers, so batch-1 decode runs near memory speed on ~4.5 instead of 32 bits per weight;
 * more rows (prefill): the C++ kernel dequantizes to a float32 matrix and ``F.linear`` multiplies.
 
-The extension is compiled on first use (never at import) with ``torch.utils.cpp_extension.load``
-under the name ``lmpress_qgemv`` and cached in the torch extensions directory
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first call takes ~15 s
-(two translation units, compiled in parallel).
+The extension is compiled on first use (never at import) by :func:`lmpress.cext.load_extension`
+as ``lmpress_qgemv_<digest of the sources and flags>`` and cached in ``~/.cache/lmpress/ext`` (see
+there); the first call takes ~15 s (two translation units, compiled in parallel).
 If it cannot be built, one warning names the cause and every call uses the reference path
 (:func:`lmpress.quant.pack.dequantize_packed` then ``F.linear``). ``LMPRESS_NO_KERNEL=1`` forces the
 reference path. Inputs the kernel does not cover (x not float32, scales neither float16 nor float32,
@@ -140,15 +139,10 @@ def gptq_extension():
 def _build(name: str, sources: tuple[str, ...]):
     """Build (or load from the cache) a C++ extension; on failure warn once and return None."""
     try:
-        from torch.utils.cpp_extension import load
+        from ..cext import load_extension
 
-        return load(
-            name=name,
-            sources=[str(_CSRC / src) for src in sources],
-            extra_cflags=[*_FLAGS, f"-DLMPRESS_CPU={_cpu_tag()}"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        cflags = [*_FLAGS, f"-DLMPRESS_CPU={_cpu_tag()}"]
+        return load_extension(name, [_CSRC / src for src in sources], cflags, ["-fopenmp"])
     except Exception as exc:  # any build or load failure: fall back, loudly
         warnings.warn(
             f"lmpress: could not build the {name} C++ kernel ({_cause(exc)}); "
