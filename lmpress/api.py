@@ -36,6 +36,7 @@ def evaluate(
     from .data import prepare
     from .io import folder_bytes
 
+    arch.check_positions(model, context, "--context")
     if stream is None:
         _, stream = prepare(tokenizer, data or DataConfig(), need_calib=False)
     counts = param_counts(model)
@@ -130,6 +131,13 @@ def compress(
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
+    if calib_needed:
+        arch.check_positions(model, data.calib_len, "--calib-len")
+    if measure:
+        arch.check_positions(model, context, "--context")
+    for c in recipe:
+        if hasattr(c, "seq_len"):
+            arch.check_positions(model, c.seq_len, "--seq-len")
     calib, stream = prepare(tokenizer, data, need_calib=calib_needed, need_eval=measure)
     # the original stays for measuring, as the default teacher, and whenever the caller owns it
     student = copy.deepcopy(model) if measure or teacher is None or not owned else model

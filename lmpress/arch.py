@@ -214,3 +214,19 @@ def skeleton(model: nn.Module) -> nn.Module:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model.config)
+
+
+def check_positions(model: nn.Module, length: int, what: str) -> None:
+    """Refuse ``length`` tokens past a model's learned position embeddings (GPT-2, OPT: an index
+    error deep inside the model); warn past a rotary model's trained context (it runs, but worse)."""
+    import warnings
+
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if not limit or length <= limit:
+        return
+    rotary = any(getattr(cfg, k, None) is not None for k in ("rope_parameters", "rope_theta", "rope_scaling"))
+    if not rotary:
+        raise InputError(f"{what} {length} is longer than the model's {limit} learned positions; use at most {limit}")
+    warnings.warn(f"{what} {length} is past the model's trained context of {limit} tokens; figures may be worse", stacklevel=3)

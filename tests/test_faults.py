@@ -59,22 +59,18 @@ ROWS = [
     row("method-and-recipe", C + " --method rtn --recipe {W}/r.yaml", 2, "exactly one of --method", files={"r.yaml": "- method: rtn\n"}),
     row("set-unknown-key", C + " --method rtn --set nosuch=1", 2, "has no option(s) nosuch"),
     row("set-no-equals", C + " --method rtn --set bits", 2, "KEY=VALUE"),
-    row("set-bits-word", C + " --method rtn --set bits=x", 2, "bits must be one of"),
-    row("set-bad-yaml", C + " --method rtn --set bits=[1", 2, "not valid YAML",
-        xfail="found by this table: a --set value that is not YAML escapes as a yaml ParserError traceback"),
-    row("set-bits-float", C + " --method rtn --set bits=4.0", 2, "bits must be",
-        xfail="issue 14 (as bits: 4.0 in a recipe): --set bits=4.0 passes validation, then a TypeError traceback"),
+    row("set-bits-word", C + " --method rtn --set bits=x", 2, "bits must be"),
+    row("set-bad-yaml", C + " --method rtn --set bits=[1", 2, "not valid YAML"),
+    row("set-bits-float", C + " --method rtn --set bits=4.0", 2, "bits must be"),
     # recipes
     row("recipe-missing", C + " --recipe {W}/nope.yaml", 2, "no such recipe file"),
     row("recipe-bad-yaml", C + " --recipe {W}/r.yaml", 2, "is not valid YAML", files={"r.yaml": "- method: [rtn\n"}),
     row("recipe-not-a-list", C + " --recipe {W}/r.yaml", 2, "a recipe is a YAML list", files={"r.yaml": "method: rtn\n"}),
     row("recipe-entry-without-method", C + " --recipe {W}/r.yaml", 2, "has no 'method'", files={"r.yaml": "- bits: 4\n"}),
     row("recipe-unknown-key", C + " --recipe {W}/r.yaml", 2, "has no option(s) colour", files={"r.yaml": "- method: rtn\n  colour: red\n"}),
-    row("recipe-bits-float", C + " --recipe {W}/r.yaml", 2, "bits must be", files={"r.yaml": "- method: rtn\n  bits: 4.0\n"},
-        xfail="issue 14: bits: 4.0 in a YAML recipe is accepted, then fails deep inside RTN with a TypeError traceback"),
+    row("recipe-bits-float", C + " --recipe {W}/r.yaml", 2, "bits must be", files={"r.yaml": "- method: rtn\n  bits: 4.0\n"}),
     row("recipe-group-size-string", C + " --recipe {W}/r.yaml", 2, "group_size must be",
-        files={"r.yaml": "- method: rtn\n  bits: 4\n  group_size: '32'\n"},
-        xfail="issue 14: group_size: '32' in a YAML recipe gives \"'<' not supported between 'str' and 'int'\""),
+        files={"r.yaml": "- method: rtn\n  bits: 4\n  group_size: '32'\n"}),
     # the model
     row("model-missing", "compress {W}/nope --data {D} --no-eval -o {O} --method rtn --bits 4", 2, "no such model"),
     row("model-file-not-gguf", "compress {M}/config.json --data {D} --no-eval -o {O} --method rtn --bits 4", 2, "must be .gguf"),
@@ -89,45 +85,42 @@ ROWS = [
     row("pickle-only", C + " --method rtn --bits 4", 2, "--allow-pickle", fault="pickle-only"),
     row("gguf-corrupt", G, 2, "not a readable GGUF file", fault="corrupt-gguf"),
     row("gguf-truncated", G, 2, "not a readable GGUF file", fault="truncate-gguf"),
-    row("tokenizer-remote-code", C + " --method rtn --bits 4", 2, "--trust-remote-code", fault="remote-code-tokenizer",
-        xfail="issue 14: lmpress leaves a tokenizer_config.json auto_map class to transformers' own check (a prompt "
-              "on a terminal); here it ends as 'no usable tokenizer', not naming --trust-remote-code"),
-    row("tensor-missing", C + " --method rtn --bits 4", 2, "lack", fault="drop-tensor",
-        xfail="issue 14: a safetensors missing one tensor loads, transformers fills it with random values"),
-    row("weights-nan", C + " --method rtn --bits 4", 2, "NaN", fault="nan-weight",
-        xfail="issue 14: a model with NaN weights is compressed and saved without a word"),
+    row("tokenizer-remote-code", C + " --method rtn --bits 4", 2, "--trust-remote-code", fault="remote-code-tokenizer"),
+    row("tensor-missing", C + " --method rtn --bits 4", 2, "lack", fault="drop-tensor"),
+    row("weights-nan", C + " --method rtn --bits 4", 2, "NaN", fault="nan-weight"),
     # data
     row("data-missing", C + " --method rtn --bits 4 --data {W}/nope.txt", 2, "no such corpus"),
     row("data-empty", C + " --method rtn --bits 4 --data {W}/d.txt", 2, "holds no text", files={"d.txt": "\n\n  \n"}),
     row("data-not-utf8", C + " --method rtn --bits 4 --data {W}/d.txt", 2, "not UTF-8", files={"d.txt": b"\xff\xfe\x00bad"}),
     row("data-folder-without-text", C + " --method rtn --bits 4 --data {W}/d", 2, "holds no .txt", files={"d/x.bin": b"\0"}),
     row("data-jsonl-bad-line", C + " --method rtn --bits 4 --data {W}/d.jsonl", 2, "line 2", files={"d.jsonl": '{"text": "a"}\n{oops\n'}),
-    row("calib-samples-0", GPTQ + " --calib-samples 0", 2, "--calib-samples",
-        xfail="issue 14: --calib-samples 0 gets to GPTQ and fails with a reshape RuntimeError traceback"),
-    row("calib-samples-negative", GPTQ + " --calib-samples -1", 2, "--calib-samples",
-        xfail="found by this table: --calib-samples -1 fails with a negative-dimension RuntimeError traceback"),
-    row("calib-len-0", GPTQ + " --calib-len 0", 2, "--calib-len",
-        xfail="found by this table: --calib-len 0 is accepted and GPTQ runs on rows of only the BOS token"),
-    row("context-0", E + " --context 0", 2, "--context", xfail="issue 14: --context 0 gives a ValueError traceback"),
-    row("context-1", E + " --context 1", 2, "--context", xfail="issue 14: --context 1 gives a range() ValueError traceback"),
-    row("eval-tokens-0", E + " --eval-tokens 0", 2, "--eval-tokens", xfail="issue 14: --eval-tokens 0 gives a ValueError traceback"),
-    row("eval-tokens-negative", E + " --eval-tokens -5", 2, "--eval-tokens",
-        xfail="issue 14: --eval-tokens -5 is accepted and the perplexity is measured on the stream's tokens minus 5"),
+    row("calib-samples-0", GPTQ + " --calib-samples 0", 2, "--calib-samples"),
+    row("calib-samples-negative", GPTQ + " --calib-samples -1", 2, "--calib-samples"),
+    row("calib-len-0", GPTQ + " --calib-len 0", 2, "--calib-len"),
+    row("context-0", E + " --context 0", 2, "--context"),
+    row("context-1", E + " --context 1", 2, "--context"),
+    row("eval-tokens-0", E + " --eval-tokens 0", 2, "--eval-tokens"),
+    row("eval-tokens-negative", E + " --eval-tokens -5", 2, "--eval-tokens"),
     # the output
     row("output-exists", C + " --method rtn --bits 4", 2, "already exists", files={"out/notes.txt": "mine"}),
     row("output-is-a-file", C + " --method rtn --bits 4", 2, "already exists", files={"out": "mine"}),
-    row("output-is-the-input", C.replace("{O}", "{M}") + " --method rtn --bits 4", 2, "already exists"),
-    row("overwrite-the-input", C.replace("{O}", "{M}") + " --method rtn --bits 4 --overwrite", 2, "holds the input",
-        xfail="issue 14: compress M --overwrite -o M replaces the input model with its compressed copy"),
-    row("overwrite-the-inputs-parent", C.replace("{O}", "{W}") + " --method rtn --bits 4 --overwrite", 2, "holds the input",
-        xfail="issue 14: -o the input's parent folder with --overwrite replaces that whole folder, input included"),
-    row("overwrite-a-file", C + " --method rtn --bits 4 --overwrite", 2, "not an lmpress output", files={"out": "mine"},
-        xfail="issue 14: --overwrite replaces a regular file at -o with the output folder"),
+    row("output-is-the-input", C.replace("{O}", "{M}") + " --method rtn --bits 4", 2, "is or holds the input"),
+    row("overwrite-the-input", C.replace("{O}", "{M}") + " --method rtn --bits 4 --overwrite", 2, "holds the input"),
+    row("overwrite-the-inputs-parent", C.replace("{O}", "{W}") + " --method rtn --bits 4 --overwrite", 2, "holds the input"),
+    row("overwrite-a-file", C + " --method rtn --bits 4 --overwrite", 2, "not an lmpress output", files={"out": "mine"}),
     row("overwrite-a-foreign-folder", C + " --method rtn --bits 4 --overwrite", 2, "not an lmpress output",
-        files={"out/notes.txt": "mine"},
-        xfail="issue 14: --overwrite deletes a folder that lmpress did not write"),
-    row("json-in-missing-folder", C + " --method rtn --bits 4 --json {W}/nodir/r.json", 2, "does not exist",
-        xfail="issue 14: a --json path in a missing folder fails after the work (FileNotFoundError traceback), the output already saved"),
+        files={"out/notes.txt": "mine"}),
+    row("json-in-missing-folder", C + " --method rtn --bits 4 --json {W}/nodir/r.json", 2, "does not exist"),
+    # found in issue 14's list, fixed with the rows above
+    row("pattern-2:3-sparsegpt", C + " --method sparsegpt --pattern 2:3", 2, "multiple of M=3"),
+    row("reference-other-vocabulary", E + " --reference {W}/other", 2, "same vocabulary", fault="other-vocab-reference"),
+    row("lmpress-layout-tampered", "eval {W}/q --data {D} --no-speed --eval-tokens 64 --context 16", 2,
+        "does not match the tensors", fault="tampered-layers"),
+    row("context-past-learned-positions", E.replace("--context 16", "--context 300"), 2, "learned positions",
+        fault="gpt2-model"),
+    row("calib-len-past-learned-positions", GPTQ.replace("--calib-len 16", "--calib-len 300"), 2, "learned positions",
+        fault="gpt2-model"),
+    row("info-without-tokenizer", "info {M}", 0, "", fault="delete-tokenizer"),
 ]
 
 
@@ -225,7 +218,56 @@ def _pickle_only(work: Path, _) -> None:
     file.unlink()
 
 
+def _save_tiny(folder: Path, kind: str, **config) -> None:
+    from test_cli import _tok
+    from tiny import tiny_model
+
+    from lmpress.io import save_model
+
+    model = tiny_model(kind)
+    for k, v in config.items():
+        setattr(model.config, k, v)
+    save_model(model if not config else type(model)(model.config), folder, tokenizer=_tok(folder.parent))
+
+
+def _other_vocab(work: Path, _) -> None:
+    _save_tiny(work / "other", "llama", vocab_size=300)
+
+
+def _tampered_layers(work: Path, _) -> None:
+    import json
+
+    from tiny import tiny_model
+
+    from lmpress.io import save_model
+    from lmpress.recipe import RunContext, apply, make_config
+
+    model = tiny_model("llama")
+    apply(model, make_config("rtn", bits=4, group_size=32), RunContext(progress=False))
+    save_model(model, work / "q", format="lmpress")
+    cfg_file = work / "q" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["lmpress"]["layers"]["model.layers.0.mlp.up_proj"]["bits"] = 8  # tensors were packed at 4 bits
+    cfg_file.write_text(json.dumps(cfg))
+
+
+def _gpt2_model(work: Path, _) -> None:
+    import shutil
+
+    shutil.rmtree(work / "m")
+    _save_tiny(work / "m", "gpt2")
+
+
+def _delete_tokenizer(work: Path, _) -> None:
+    for f in (work / "m").glob("*token*"):
+        f.unlink()
+
+
 FAULTS = {
+    "other-vocab-reference": _other_vocab,
+    "tampered-layers": _tampered_layers,
+    "gpt2-model": _gpt2_model,
+    "delete-tokenizer": _delete_tokenizer,
     "delete-config": lambda work, _: (work / "m" / "config.json").unlink(),
     "corrupt-config": lambda work, _: (work / "m" / "config.json").write_text("{not json"),
     "truncate-config": lambda work, _: _truncate(work / "m" / "config.json"),

@@ -77,8 +77,12 @@ class SparseGPTConfig(CalibratedPruneConfig):
 
             GridSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
         nm = masks.parse_pattern(self.pattern)
-        if self.block_size < 1 or (nm and self.block_size % nm[1]):
-            raise ValueError(f"block_size {self.block_size} must be positive (and a multiple of M for N:M)")
+        if self.block_size < 1:
+            raise ValueError(f"block_size {self.block_size} must be positive")
+        if nm and self.block_size % nm[1]:
+            raise ValueError(f"pattern {self.pattern}: SparseGPT solves columns in blocks of block_size={self.block_size}, "
+                             f"which must be a multiple of M={nm[1]}; use a pattern whose M divides {self.block_size} "
+                             f"(e.g. 2:4) or set block_size to a multiple of {nm[1]}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp {self.damp} must lie in (0, 1), e.g. 0.01")
 
