@@ -60,11 +60,12 @@ def run_method(float_model, method, bits, group, calib, **extra):
     return model, time.perf_counter() - t0, [to_dict(cfg)]
 
 
-def run_peer(scheme, model_dir, calib_file, tmp):
+def run_peer(scheme, model_dir, calib_file, tmp, compressed: bool = False):
     if not PEER_PYTHON.exists():
         return None, "llm-compressor venv missing: run bench/peers/setup_llmcompressor.sh"
     out = Path(tmp) / f"llmc-{scheme}"
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--model", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--scheme", scheme]
+    cmd += ["--compressed"] if compressed else []
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return None, res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else "failed"
@@ -87,7 +88,8 @@ class Run:
         self.fm, self.tok = load_model(self.model_dir)
         self.calib, self.stream = prepare(self.tok, DataConfig(calib_samples=args.calib_samples))
         self.float_row = measure(self.fm, self.tok, self.stream, model_path=self.model_dir)
-        self.results = Results(None if args.quick else args.cache, "rows", fresh=not args.resume)
+        self.results = Results(None if args.quick or args.only else args.cache, "rows", fresh=not args.resume,
+                               only=args.only)
         self.rows, data = self.results.rows, self.results.data
         for k in args.redo:
             self.rows.pop(k, None)
@@ -128,7 +130,7 @@ class Run:
                 continue
             row = self.peer(bits, group, calib_file, tmp) if method == "llmc" else self.ours(label, bits, group, method, tmp)
             self.results.record(name, row)
-            if not self.args.quick:
+            if not (self.args.quick or self.args.only):
                 self.write(kernels.backend_name(), done=False)
 
     def time128(self) -> None:
@@ -158,6 +160,9 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/lmpress-bench-quant.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows of --cache, run only the missing ones")
     ap.add_argument("--redo", nargs="*", default=[], help="rows 'label|method' to measure again (with --resume)")
+    ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
+                    help="comma-separated rows 'label|method' (e.g. 'W4 g64|gptq,W3 g64|gptq'): measured and printed "
+                         "as JSON, BENCHMARKS.md untouched (to check that a change keeps the figures)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from lmpress.quant import kernels
@@ -165,6 +170,9 @@ def main() -> None:
     run = Run(args)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         run.plan(tmp)
+        if args.only:
+            print(json.dumps({"float": run.float_row, **run.rows}, indent=2, default=str))
+            return
         if not args.quick:
             run.time128()
             run.write(kernels.backend_name(), done=True)

@@ -1,0 +1,172 @@
+"""compressed-tensors out and in: one folder evaluated three ways, and llm-compressor's folder read by lmpress.
+
+    flock /tmp/lmpress-heavy.lock python bench/ctensors.py [--only 'W4 g64 sym, 8-bit head,...'] [--no-peer]
+
+For each setting, GPTQ on the default model and corpus (64 x 512 calibration tokens) writes a
+compressed-tensors folder (``format="compressed-tensors"``), which is then evaluated
+
+* by lmpress (``lmpress.load_model`` of the folder: packed ``QuantLinear`` layers),
+* by plain transformers (``AutoModelForCausalLM.from_pretrained`` of the folder, compressed-tensors
+  installed; asymmetric folders only load with ``CompressedTensorsConfig(dequantize=True)``, an
+  upstream limit of transformers 5.x + compressed-tensors 0.20, and not at all when they mix
+  settings), with lmpress's perplexity protocol on the same 4,096 evaluation tokens, and the largest
+  |logit difference| from lmpress's in-memory model over all evaluation windows,
+* by lm-evaluation-harness (``lmpress.lmeval``, when installed) on one packaged task,
+
+and llm-compressor's own compressed-tensors output for the same setting (``--compressed``) is read
+by lmpress and measured the same way. Writes the 'ctensors' section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import environment, md_table, write_section
+from quant import run_peer
+
+# label -> (GPTQ options, llm-compressor scheme or None)
+SETTINGS = {
+    "W4 g64 sym, 8-bit head": ({"bits": 4, "group_size": 64, "sym": True, "head_bits": 8}, None),
+    "W4 g64 asym": ({"bits": 4, "group_size": 64}, "gptq-w4g64-asym"),
+    "W3 g64 asym": ({"bits": 3, "group_size": 64}, "gptq-w3g64-asym"),
+    "W3 g64 sym": ({"bits": 3, "group_size": 64, "sym": True}, "gptq-w3g64-sym"),
+}
+TASK, TASK_LIMIT = "social_iqa", 100
+
+
+def logits_gap(a, b, stream, bos, context=512) -> float:
+    """Largest |logit difference| of two models over the evaluation windows (float32)."""
+    from lmpress.evaluate import windows
+
+    ids, _ = windows(stream, context, bos)
+    gap = 0.0
+    with torch.no_grad():
+        for row in ids:
+            gap = max(gap, float((a(row[None]).logits.float() - b(row[None]).logits.float()).abs().max()))
+    return gap
+
+
+def transformers_load(folder: Path):
+    """The folder as plain transformers loads it, or the reason it cannot."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lmpress.formats import load_note
+
+    note = load_note(folder, "compressed-tensors")
+    if note and "cannot load" in note:
+        return None, note
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if note else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+    return model, "dequantize=True" if note else "plain"
+
+
+def lm_eval_acc(model, tok):
+    try:
+        from lmpress.lmeval import evaluate_lm_eval
+    except ImportError:
+        return None
+    try:
+        return evaluate_lm_eval(model, tok, TASK, limit=TASK_LIMIT)["lm_eval_acc"]
+    except Exception as e:  # the harness missing or a task that cannot load: say so in the table
+        return f"n/a ({type(e).__name__})"
+
+
+def setting_row(label, opts, fm, tok, calib, stream, tmp) -> dict:
+    import lmpress
+    from lmpress.evaluate import perplexity
+
+    folder = Path(tmp) / label.replace(" ", "_").replace(",", "")
+    t0 = time.perf_counter()
+    q, _ = lmpress.compress(fm, [lmpress.GPTQConfig(**opts)], tok, out=folder, format="compressed-tensors", measure=False,
+                            progress=False, data=lmpress.DataConfig(calib_samples=calib.shape[0]))
+    seconds = time.perf_counter() - t0
+    ours, _ = lmpress.load_model(folder)
+    row = {"seconds": seconds, "lmpress": lmpress.evaluate(ours, tok, stream=stream, reference=fm, measure_speed=False,
+                                                           model_path=folder, progress=False)}
+    hf, how = transformers_load(folder)
+    row["transformers_how"] = how
+    if hf is not None:
+        row["transformers_ppl"] = perplexity(hf, stream, bos=tok.bos_token_id).ppl
+        row["transformers_gap"] = logits_gap(hf, q, stream, tok.bos_token_id)
+        row["transformers_lm_eval"] = lm_eval_acc(hf, tok)
+        del hf
+    row["lmpress_gap"] = logits_gap(ours, q, stream, tok.bos_token_id)
+    row["lmpress_lm_eval"] = lm_eval_acc(ours, tok)
+    return row
+
+
+def peer_row(scheme, model_dir, fm, tok, calib, stream, tmp) -> dict:
+    import lmpress
+
+    calib_file = Path(tmp) / "calib.npy"
+    np.save(calib_file, calib.numpy())
+    got, err = run_peer(scheme, model_dir, calib_file, tmp, compressed=True)
+    if got is None:
+        return {"error": err}
+    theirs, _ = lmpress.load_model(got[0])
+    return {"seconds": got[1], "note": getattr(theirs, "lmpress_load_note", ""),
+            **lmpress.evaluate(theirs, tok, stream=stream, reference=fm, measure_speed=False, progress=False)}
+
+
+def report(rows: dict, float_ppl: float, args) -> str:
+    def f(x, nd=3):
+        return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+    table = []
+    for label, r in rows.items():
+        ours = r["lmpress"]
+        table.append([label, f(ours["perplexity"]), f(ours["kl"], 4), f(r.get("transformers_ppl")),
+                      r["transformers_how"] if "transformers_ppl" in r else f"does not load: {r['transformers_how']}",
+                      f"{r['transformers_gap']:.1e}" if "transformers_gap" in r else "-",
+                      f(r.get("lmpress_lm_eval")), f(r.get("transformers_lm_eval")),
+                      f(r["peer"].get("perplexity")) if r.get("peer") else "-",
+                      f(r["peer"].get("kl"), 4) if r.get("peer") else "-"])
+    head = ["setting (GPTQ)", "lmpress ppl", "lmpress KL", "transformers ppl", "transformers load",
+            "max abs logit diff", f"lm-eval {TASK} acc (lmpress)", "lm-eval acc (transformers)",
+            "llm-compressor folder read by lmpress: ppl", "its KL"]
+    return (f"## compressed-tensors: one folder, three evaluators; llm-compressor's folder read by lmpress\n\n"
+            f"Command: `python bench/ctensors.py`. Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
+            f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
+            f"model. lm-eval: {TASK_LIMIT} items of {TASK} through lm-evaluation-harness's HFLM on the in-memory model "
+            "('-': the harness is not installed). Machine: " + environment() + ".\n\n" + md_table(head, table) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="compressed-tensors benchmark")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--only", type=lambda s: [x.strip() for x in s.split(";")], default=None,
+                    help="';'-separated setting labels")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    import lmpress
+    from lmpress.io import resolve_model_path
+
+    model_dir = resolve_model_path(None)
+    fm, tok = lmpress.load_model(model_dir)
+    calib, stream = lmpress.prepare(tok, lmpress.DataConfig(calib_samples=args.calib_samples))
+    float_ppl = lmpress.evaluate(fm, tok, stream=stream, measure_speed=False, progress=False)["perplexity"]
+    rows = {}
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for label, (opts, scheme) in SETTINGS.items():
+            if args.only and label not in args.only:
+                continue
+            rows[label] = setting_row(label, opts, fm, tok, calib, stream, tmp)
+            if scheme and not args.no_peer:
+                rows[label]["peer"] = peer_row(scheme, model_dir, fm, tok, calib, stream, tmp)
+            print(json.dumps({label: rows[label]}, default=str), flush=True)
+    body = report(rows, float_ppl, args)
+    if not args.no_write:
+        write_section("ctensors", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
