@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="measure decode with a static KV cache and torch.compile (transformers' fast path; compiles first)")
     p.add_argument("--task", default=None, help="zero-shot multiple-choice task: social_iqa, strategyqa, ... or a BIG-bench task.json")
     p.add_argument("--task-limit", type=int, default=200, help="items of the task to score (default 200)")
+    p.add_argument("--lm-eval", metavar="TASK", default=None,
+                   help="also score TASK (as --task) through lm-evaluation-harness on the loaded model (extra: lmpress[lm-eval])")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE ('-' for stdout)")
     p = sub.add_parser("info", help="architecture, parameter split, and the layers compression touches")
     _add_model(p)
@@ -119,6 +121,10 @@ def cmd_eval(args) -> None:
 
         mc = multiple_choice(model, tok, load_task(args.task, args.task_limit), progress=True)
         res.update({"task": args.task, "mc_acc": mc.acc, "mc_acc_norm": mc.acc_norm, "mc_items": mc.items})
+    if args.lm_eval:
+        from .lmeval import evaluate_lm_eval
+
+        res.update(evaluate_lm_eval(model, tok, args.lm_eval, limit=args.task_limit))
     res["model"] = str(args.model or "smollm2-135m")
     _emit(args.json, res)
     print(table({res["model"]: res}))

@@ -17,6 +17,8 @@ FORMATS = {
     "decode_tps": ("decode tokens/s (batch 1)", "{:.2f}"),
     "mc_acc": ("zero-shot accuracy", "{:.3f}"),
     "mc_acc_norm": ("zero-shot accuracy (length-norm.)", "{:.3f}"),
+    "lm_eval_acc": ("lm-eval accuracy", "{:.3f}"),
+    "lm_eval_acc_norm": ("lm-eval accuracy (length-norm.)", "{:.3f}"),
     "mc_items": ("zero-shot items", "{:,}"),
     "eval_tokens": ("evaluated tokens", "{:,}"),
     "eval_seconds": ("perplexity wall time", "{:.1f} s"),

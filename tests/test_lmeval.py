@@ -87,3 +87,20 @@ def test_missing_lm_eval_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     with pytest.raises(InputError, match=r"pip install 'lmpress\[lm-eval\]'"):
         evaluate_lm_eval(tiny_model("llama"), _tok(tmp_path), _task_file(tmp_path))
+
+
+def test_cli_eval_lm_eval_equals_its_own_scorer(lm_eval, tmp_path):
+    """``lmpress eval --task T --lm-eval T``: the harness and lmpress's scorer agree on the same items."""
+    from lmpress.cli import main
+    from lmpress.io import save_model
+
+    save_model(tiny_model("llama"), tmp_path / "m", tokenizer=_tok(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "c.txt").write_text("\n\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 200, (40,), generator=g))
+                                                for _ in range(200)))
+    task = _task_file(tmp_path)
+    assert main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "c.txt"), "--eval-tokens", "128", "--context", "32",
+                 "--no-speed", "--task", task, "--lm-eval", task, "--json", str(tmp_path / "f.json")]) == 0
+    figs = json.loads((tmp_path / "f.json").read_text())
+    assert figs["lm_eval_items"] == figs["mc_items"] == 8
+    assert figs["lm_eval_acc"] == figs["mc_acc"] and figs["lm_eval_acc_norm"] == figs["mc_acc_norm"]
