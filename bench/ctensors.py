@@ -35,7 +35,7 @@ SETTINGS = {
     "W4 g64 sym, 8-bit head": ({"bits": 4, "group_size": 64, "sym": True, "head_bits": 8}, None),
     "W4 g64 asym": ({"bits": 4, "group_size": 64}, "gptq-w4g64-asym"),
     "W3 g64 asym": ({"bits": 3, "group_size": 64}, "gptq-w3g64-asym"),
-    "W3 g64 sym": ({"bits": 3, "group_size": 64, "sym": True}, "gptq-w3g64-sym"),
+    "W3 g64 sym": ({"bits": 3, "group_size": 64, "sym": True}, None),
 }
 TASK, TASK_LIMIT = "social_iqa", 100
 

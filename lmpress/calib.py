@@ -31,8 +31,20 @@ CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a metho
 
 
 def check_calib_dtype(name: str) -> None:
-    if name not in CALIB_DTYPES:
-        raise ValueError(f"calib_dtype {name!r} must be one of {sorted(CALIB_DTYPES)}")
+    if name not in CALIB_DTYPES and name != "auto":
+        raise ValueError(f"calib_dtype {name!r} must be one of {sorted(CALIB_DTYPES)} or auto")
+
+
+def resolve_calib_dtype(name: str) -> str:
+    """``auto``: bfloat16 where this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX), else
+    float32. Measured on an AVX2-only CPU: a bfloat16 (8192 x 576) @ (576 x 1536) product ran at
+    0.6 GFLOP/s against 23 GFLOP/s in float32, so a bfloat16 default made calibration ~40x slower
+    there; on CPUs with bf16 units bfloat16 passes are ~3x faster than float32 at the same perplexity."""
+    check_calib_dtype(name)
+    if name != "auto":
+        return name
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
 
 
 class _Stop(Exception):

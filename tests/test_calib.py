@@ -115,3 +115,18 @@ def test_low_precision_passes_track_edits_and_leave_block_in_float(llama):
     with torch.no_grad():
         hs = llama(ids, output_hidden_states=True, use_cache=False).hidden_states
     torch.testing.assert_close(got_in[1].float(), hs[1], rtol=0.05, atol=0.05)
+
+
+def test_calib_dtype_auto_is_resolved_when_the_config_is_made():
+    """``auto`` becomes bfloat16 only where the CPU multiplies bf16 natively; the config (and so the
+    saved recipe) holds the resolved value, explicit choices stay."""
+    import torch
+
+    import lmpress
+    from lmpress.calib import resolve_calib_dtype
+
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_calib_dtype("auto") == ("bfloat16" if native else "float32")
+    for cls in (lmpress.GPTQConfig, lmpress.WandaConfig, lmpress.SparseGPTConfig):
+        assert cls().calib_dtype == resolve_calib_dtype("auto")
+        assert cls(calib_dtype="bfloat16").calib_dtype == "bfloat16"

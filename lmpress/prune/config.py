@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calib import check_calib_dtype
+from ..calib import resolve_calib_dtype
 from . import masks
 
 ALLOCATIONS = ("uniform", "owl", "sensitivity")
@@ -59,11 +59,11 @@ class CalibratedPruneConfig(PruneConfig):
     owl_m: float = 5.0
     sequential: bool = False
     batch_size: int = 8
-    calib_dtype: str = "bfloat16"
+    calib_dtype: str = "auto"  # resolved when the config is made: bfloat16 on CPUs with bf16 units, else float32
 
     def __post_init__(self):
         super().__post_init__()
-        check_calib_dtype(self.calib_dtype)
+        object.__setattr__(self, "calib_dtype", resolve_calib_dtype(self.calib_dtype))  # the recipe saves the resolved value
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size {self.batch_size!r} must be a positive integer (calibration rows per forward)")
         if self.allocation not in ALLOCATIONS:

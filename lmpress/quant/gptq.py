@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import arch, stats
-from ..calib import CALIB_DTYPES, check_calib_dtype
+from ..calib import CALIB_DTYPES, resolve_calib_dtype
 from ..errors import InputError
 from ..sweep import NONE, sweep_columns
 from .config import QuantConfig
@@ -61,11 +61,11 @@ class GPTQConfig(QuantConfig):
     act_order: bool = True
     sequential: bool = False
     clip_search: bool = True
-    calib_dtype: str = "bfloat16"
+    calib_dtype: str = "auto"  # resolved when the config is made: bfloat16 on CPUs with bf16 units, else float32
 
     def __post_init__(self):
         super().__post_init__()
-        check_calib_dtype(self.calib_dtype)
+        object.__setattr__(self, "calib_dtype", resolve_calib_dtype(self.calib_dtype))  # the recipe saves the resolved value
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp {self.damp} must lie in [0, 1), e.g. 0.01")
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
