@@ -42,7 +42,7 @@ def main() -> None:
     base, tok = load_model(resolve_model_path(None))
     calib, stream = prepare(tok, DataConfig(calib_samples=args.calib_samples))
     if args.blocks:
-        arch.blocks(base)[:] = list(arch.blocks(base))[: args.blocks]
+        del arch.blocks(base)[args.blocks:]
         base.config.num_hidden_layers = args.blocks
     res = {"lmpress": lmpress.__file__, "blocks": args.blocks or len(arch.blocks(base)), "calib_samples": args.calib_samples}
     for name, (method, kw) in ROWS.items():
