@@ -28,18 +28,21 @@ def bpe_tokenizer(vocab_size=320):
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama"):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1,
-                      eos_token_id=2, tie_word_embeddings=tied)
+    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tied, initializer_range=0.08)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():  # norms away from 1, so a mix-up of norm tensors shows
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so a mix-up of them shows
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.5)
     return model
 
 
@@ -48,11 +51,12 @@ def grid_model(model, gtype, embed_type="Q8_0"):
     from lmpress.formats.gguf import _tensor_types
     import copy
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    arch = gguf.MODEL_ARCH[model.config.model_type.upper()]
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     out = copy.deepcopy(model)
     with torch.no_grad():
         for n, p in out.named_parameters():
-            t = _tensor_types(names.get_name(n, try_suffixes=(".weight",)), tuple(p.shape), gtype, embed_type)
+            t = _tensor_types(names.get_name(n, try_suffixes=(".weight", ".bias")), tuple(p.shape), gtype, embed_type)
             if t in ggml.TYPES:
                 p.copy_(ggml.dequantize(ggml.quantize(p.float(), t)))
     return out
@@ -94,11 +98,11 @@ def test_permute_is_a_row_permutation_per_head():
     assert sorted(p[:, 0].tolist()) == w[:, 0].tolist()
 
 
-@pytest.mark.parametrize("gtype", ["Q8_0", "Q4_K"])
-def test_transformers_gguf_loader_gives_lmpress_logits(tmp_path, gtype):
+@pytest.mark.parametrize("gtype,arch,tied", [("Q8_0", "llama", True), ("Q4_K", "llama", False), ("Q5_1", "qwen2", False)])
+def test_transformers_gguf_loader_gives_lmpress_logits(tmp_path, gtype, arch, tied):
     from lmpress.io import load_gguf
 
-    model, tok = tiny_llama(hidden=256, inter=512), bpe_tokenizer()
+    model, tok = tiny_llama(hidden=256, inter=512, arch=arch, tied=tied), bpe_tokenizer()
     path = tmp_path / "m.gguf"
     write_gguf(model, tok, path, gtype, {}, pre="default")
     loaded, loaded_tok = load_gguf(path)
