@@ -28,14 +28,14 @@ def bpe_tokenizer(vocab_size=320):
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama"):
+def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama", init=0.08):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
     cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=tied, initializer_range=0.08)
+        tie_word_embeddings=tied, initializer_range=init)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # norms away from 1 and biases away from 0, so a mix-up of them shows
         for n, p in model.named_parameters():
