@@ -121,4 +121,6 @@ def test_refuses_what_it_cannot_write(tmp_path):
         write_gguf(tiny_model("gpt2"), bpe_tokenizer(), tmp_path / "m.gguf", "Q8_0", {})
     with pytest.raises(InputError, match="pre-tokenizer"):
         write_gguf(tiny_llama(), bpe_tokenizer(), tmp_path / "m.gguf", "Q8_0", {})
+    with pytest.raises(InputError, match="does not exist"):
+        write_gguf(tiny_llama(), bpe_tokenizer(), tmp_path / "no" / "m.gguf", "Q8_0", {}, pre="default")
     assert not list(tmp_path.iterdir())

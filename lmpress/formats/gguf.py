@@ -187,6 +187,8 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str,
     if embed_type not in ggml.TYPES and embed_type not in ("F16", "F32"):
         raise InputError(f"embed_type must be a block type ({', '.join(ggml.TYPES)}), F16 or F32, not {embed_type!r}")
     arch, path = architecture(model), Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
