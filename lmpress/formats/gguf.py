@@ -1,0 +1,214 @@
+"""GGUF files that llama.cpp loads and runs: Llama and Qwen2 decoders on llama.cpp's block grids.
+
+:func:`write_gguf` writes one ``.gguf`` file with the ``gguf`` package's ``GGUFWriter``, with the
+keys, tokenizer and tensor names llama.cpp's own converter (``convert_hf_to_gguf.py``) writes:
+
+- architecture metadata (``{arch}.block_count``, ``.embedding_length``, ``.attention.head_count``,
+  ``.rope.freq_base``, ...), ``general.file_type`` and ``general.quantization_version``;
+- the tokenizer as a GPT-2 byte-level BPE (``tokenizer.ggml.model = gpt2``): tokens, token types,
+  merges, special token ids, ``add_bos_token`` and the pre-tokenizer name ``tokenizer.ggml.pre``,
+  recognised, as the converter does, by the hash of the token ids of a fixed check text;
+- the block linears on the grid of ``gtype`` (:mod:`lmpress.quant.ggml`, round-to-nearest; a row
+  length the type's block does not divide gets llama.cpp's fallback type), the token embedding
+  (and an untied output head) in ``embed_type`` (Q8_0, as llama.cpp's converter), norms and biases
+  in F32. Llama's q and k rows are permuted to llama.cpp's rotary layout (interleaved pairs);
+- lmpress's own metadata (the recipe) as JSON under ``lmpress.metadata``.
+
+    >>> write_gguf(model, tokenizer, "model.Q4_K.gguf", "Q4_K", {"recipe": [...]})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..quant import ggml
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # HF class -> gguf architecture
+PERMUTE_QK = {"llama"}  # architectures whose q/k rows llama.cpp wants in its interleaved rotary order
+
+# The check text of llama.cpp's convert_hf_to_gguf.py (get_vocab_base_pre): the sha256 of the token ids
+# a tokenizer gives it names the pre-tokenizer llama.cpp must run. Only tokenizers lmpress meets are listed.
+CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
+              '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+              '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+              '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+PRE_BY_HASH = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5, Qwen2, Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+
+def architecture(model: nn.Module) -> str:
+    cls = type(model).__name__
+    if cls not in ARCHS:
+        raise InputError(f"GGUF output supports {', '.join(ARCHS)}, not {cls}; save this model with --format hf")
+    return ARCHS[cls]
+
+
+def tokenizer_pre(tokenizer) -> str:
+    """llama.cpp's pre-tokenizer name for ``tokenizer``, from the hash of its ids for :data:`CHECK_TEXT`."""
+    ids = tokenizer.encode(CHECK_TEXT)
+    h = hashlib.sha256(str(ids).encode()).hexdigest()
+    if h not in PRE_BY_HASH:
+        raise InputError(f"llama.cpp's pre-tokenizer for this tokenizer is not known to lmpress (check hash {h}); "
+                         f"pass pre=... (e.g. 'default' for a plain GPT-2 byte-level BPE)")
+    return PRE_BY_HASH[h]
+
+
+def permute_qk(w: Tensor, n_head: int) -> Tensor:
+    """Rows (heads * head_dim, ...) from HF's rotary layout (each head's two halves rotate together) to
+    llama.cpp's (adjacent pairs rotate together): (H, 2, hd/2, ...) -> (H, hd/2, 2, ...)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hparams(writer, cfg) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if rope.get("rope_type", "default") != "default":
+        raise InputError(f"GGUF output does not write rope scaling {rope.get('rope_type')!r} yet; use --format hf")
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _vocab(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """Tokens, token types, merges and special tokens of a byte-level BPE ``tokenizer``, as the converter
+    writes them (ids without a token become ``[PAD{i}]``, UNUSED; added special tokens are CONTROL)."""
+    from gguf import SpecialVocab, TokenType
+
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise InputError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} embeddings")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        if i not in added:
+            types.append(TokenType.NORMAL)
+        else:
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre or tokenizer_pre(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise InputError("GGUF output needs a byte-level BPE tokenizer with merges (tokenizer.json); this one has none")
+    bos = tokenizer.bos_token_id
+    special.add_special_token["bos"] = bos is not None and tokenizer.encode("a")[:1] == [bos]  # as it tokenizes
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _tensor_types(name: str, shape: tuple[int, ...], gtype: str, embed_type: str) -> str:
+    """The ggml type of one GGUF tensor: F32 for vectors, ``embed_type`` for the token embedding and
+    output head, ``gtype`` (or llama.cpp's fallback for its row length) for the block linears."""
+    if len(shape) == 1:
+        return "F32"
+    want = embed_type if name in ("token_embd.weight", "output.weight") else gtype
+    return ggml.fallback_type(want, shape[-1]) if want in ggml.TYPES else want
+
+
+def gguf_tensors(model: nn.Module, gtype: str, embed_type: str = "Q8_0"):
+    """``(gguf_name, ggml_type, data)`` per tensor, data being the raw bytes (uint8, rows x row bytes) of
+    a block type or a float array; q/k rows already in llama.cpp's order."""
+    import gguf
+
+    arch, cfg = architecture(model), model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    compressed = [n for n, m in model.named_modules() if hasattr(m, "kind")]
+    if compressed:
+        raise InputError(f"GGUF output quantizes float linears itself; {compressed[0]} is already compressed "
+                         f"({type(model.get_submodule(compressed[0])).__name__}); give the float model")
+    for hf_name, w in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp uses token_embd as the output head when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise InputError(f"no GGUF name for tensor {hf_name} of {arch}; GGUF output cannot hold this model")
+        w = w.detach().float().cpu()
+        if arch in PERMUTE_QK and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            w = permute_qk(w, cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads)
+        t = _tensor_types(name, tuple(w.shape), gtype, embed_type)
+        if t in ggml.TYPES:
+            yield name, t, ggml.encode(ggml.quantize(w, t))
+        else:
+            yield name, t, w.numpy().astype(np.float16 if t == "F16" else np.float32)
+
+
+def _file_type(gtype: str) -> int:
+    from gguf import LlamaFileType
+
+    for name in (f"MOSTLY_{gtype}", f"MOSTLY_{gtype}_S"):
+        if name in LlamaFileType.__members__:
+            return int(LlamaFileType[name])
+    return int(LlamaFileType.GUESSED)
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str, metadata: dict, *,
+               embed_type: str = "Q8_0", pre: str | None = None) -> dict[str, str]:
+    """Write ``model`` (a float Llama or Qwen2 decoder) and its byte-level BPE ``tokenizer`` to the GGUF
+    file ``path``, block linears in ``gtype``, embeddings in ``embed_type`` (a block type, ``F16`` or
+    ``F32``), ``metadata`` (JSON-able, lmpress's recipe) under ``lmpress.metadata``; ``pre`` overrides
+    the detected pre-tokenizer name. Written to a temporary file that is then renamed, so ``path``
+    never holds half a file. Returns ``{tensor name: ggml type}``."""
+    import gguf
+
+    ggml.block_type(gtype)
+    if embed_type not in ggml.TYPES and embed_type not in ("F16", "F32"):
+        raise InputError(f"embed_type must be a block type ({', '.join(ggml.TYPES)}), F16 or F32, not {embed_type!r}")
+    arch, path = architecture(model), Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(getattr(model.config, "_name_or_path", "") or arch)
+        _hparams(writer, model.config)
+        writer.add_file_type(_file_type(gtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _vocab(writer, tokenizer, model.config.vocab_size, pre)
+        writer.add_string("lmpress.metadata", json.dumps(metadata, sort_keys=True))
+        types = {}
+        for name, t, data in gguf_tensors(model, gtype, embed_type):
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t])
+            types[name] = t
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return types

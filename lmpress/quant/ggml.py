@@ -1,0 +1,319 @@
+"""llama.cpp's block quantization types (ggml): their grids, round-to-nearest on them, their bytes.
+
+A weight ``W`` (out, in) is cut, along each row, into blocks of 32 weights (the legacy types
+``Q8_0 Q4_0 Q4_1 Q5_0 Q5_1`` and ``IQ4_NL``) or super-blocks of 256 (the K types of llama.cpp PR
+1684: ``Q6_K Q5_K Q4_K Q3_K Q2_K``). Every weight is stored as a code ``q`` of ``bits`` bits and
+dequantizes to
+
+    w = S * level(q) + M
+
+with ``level(q) = q - 2^(bits-1)`` for symmetric types, ``level(q) = q`` for types with a min and
+``level(q) = IQ4_NL_LEVELS[q]`` (16 non-uniform levels) for IQ4_NL. ``S`` and ``M`` are per
+sub-block: for the legacy types ``S = d`` and ``M = m`` are fp16 numbers per block; for K types
+``S = d * sc`` and ``M = -dmin * mn`` with fp16 ``d``, ``dmin`` per super-block and small integer
+sub-block scales ``sc`` (6-bit for Q3_K/Q4_K/Q5_K, 4-bit for Q2_K, int8 for Q6_K) and mins ``mn``.
+
+:func:`quantize` fits these parameters by round-to-nearest, rounding each to its stored precision
+(fp16 ``d``, integer ``sc``) *before* the codes are chosen, so the codes are the nearest points of
+the grid the file really holds; :func:`dequantize` gives exactly the values llama.cpp (and
+``gguf.quants.dequantize``) reads back; :func:`encode` writes the bytes, laid out as
+``ggml-common.h`` defines each block. ``quantize(..., reference=True)`` instead reproduces ggml's
+reference quantizer of the legacy types (codes from the unrounded float32 scale), bit for bit.
+
+    >>> bq = quantize(W, "Q4_K"); raw = encode(bq)   # raw: uint8 (out, in / 256 * 144)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from .grid import fp16_round
+
+QK = 32  # weights per block of the legacy types
+QK_K = 256  # weights per super-block of the K types
+IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One ggml type: ``block`` weights per (super-)block, ``sub`` per sub-block scale, ``bits`` per
+    code; ``kind`` is ``sym`` (``level = q - 2^(bits-1)``), ``min`` (``level = q`` plus an offset)
+    or ``nl`` (IQ4_NL's levels); ``scale_bits`` is the width of a K type's sub-block scales (0 for
+    the legacy types, whose only scale is the fp16 ``d`` of the block)."""
+
+    name: str
+    block: int
+    sub: int
+    bits: int
+    kind: str
+    scale_bits: int = 0
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def k_type(self) -> bool:
+        return self.block == QK_K
+
+    @property
+    def n_sub(self) -> int:
+        return self.block // self.sub
+
+
+TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("Q8_0", QK, QK, 8, "sym"),
+    BlockType("Q4_0", QK, QK, 4, "sym"),
+    BlockType("Q4_1", QK, QK, 4, "min"),
+    BlockType("Q5_0", QK, QK, 5, "sym"),
+    BlockType("Q5_1", QK, QK, 5, "min"),
+    BlockType("IQ4_NL", QK, QK, 4, "nl"),
+    BlockType("Q6_K", QK_K, 16, 6, "sym", 8),
+    BlockType("Q4_K", QK_K, 32, 4, "min", 6),
+    BlockType("Q5_K", QK_K, 32, 5, "min", 6),
+    BlockType("Q3_K", QK_K, 16, 3, "sym", 6),
+    BlockType("Q2_K", QK_K, 16, 2, "min", 4),
+)}
+
+# llama.cpp's tensor_type_fallback (src/llama-quant.cpp): the type a tensor gets when its row length
+# is not a multiple of the requested type's block; F16 when the fallback's block does not divide either.
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+            "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL"}
+
+
+def block_type(name: str) -> BlockType:
+    if name not in TYPES:
+        raise InputError(f"unknown GGUF block type {name!r}; lmpress writes {', '.join(TYPES)}")
+    return TYPES[name]
+
+
+def fallback_type(name: str, cols: int) -> str:
+    """The type llama.cpp's quantizer stores a tensor of row length ``cols`` in when ``name`` was asked:
+    ``name`` itself if its block divides ``cols``, else its fallback, else ``F16``."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def fits(t: str) -> bool:
+        return cols % GGML_QUANT_SIZES[GGMLQuantizationType[t]][0] == 0
+
+    if fits(name):
+        return name
+    if name in FALLBACK:
+        return FALLBACK[name] if fits(FALLBACK[name]) else "F16"
+    return "F16"
+
+
+@dataclass(frozen=True)
+class BlockQuant:
+    """A weight on a ggml grid. ``q`` (out, in) uint8 codes; ``d`` (out, B) fp16-exact block scales
+    (B blocks per row); ``m`` (out, B): the fp16 min of ``Q4_1``/``Q5_1`` or ``dmin`` of K types with
+    mins; ``sc``, ``mn`` (out, B, n_sub): a K type's integer sub-block scales and mins (``sc`` signed
+    for the symmetric Q3_K and Q6_K)."""
+
+    gtype: str
+    q: Tensor
+    d: Tensor
+    m: Tensor | None = None
+    sc: Tensor | None = None
+    mn: Tensor | None = None
+
+    @property
+    def type(self) -> BlockType:
+        return TYPES[self.gtype]
+
+    def scale_offset(self) -> tuple[Tensor, Tensor | None]:
+        """``S`` and ``M`` (out, B, n_sub, 1) in float32, computed as ggml computes them."""
+        if self.sc is None:
+            return self.d[..., None, None], None if self.m is None else self.m[..., None, None]
+        S = self.d[..., None] * self.sc.float()
+        M = None if self.mn is None else -(self.m[..., None] * self.mn.float())
+        return S[..., None], None if M is None else M[..., None]
+
+
+def _blocks(w: Tensor, t: BlockType) -> Tensor:
+    """(out, in) -> (out, B, n_sub, sub), with a clear error when the row length does not fit."""
+    out, cols = w.shape
+    if cols % t.block:
+        raise InputError(f"{t.name} needs rows of a multiple of {t.block} weights, this one has {cols}; "
+                         f"llama.cpp stores such a tensor as {fallback_type(t.name, cols)}")
+    return w.float().reshape(out, cols // t.block, t.n_sub, t.sub)
+
+
+def levels(t: BlockType) -> Tensor:
+    """The value of each code, ``level(q)`` for q = 0..maxq (float32)."""
+    if t.kind == "nl":
+        return torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)
+    q = torch.arange(t.maxq + 1, dtype=torch.float32)
+    return q - 2 ** (t.bits - 1) if t.kind == "sym" else q
+
+
+def _signed_absmax(x: Tensor) -> Tensor:
+    """The entry of largest magnitude along the last axis, with its sign."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _inverse(s: Tensor) -> Tensor:
+    return torch.where(s == 0, torch.zeros_like(s), 1 / s)
+
+
+def nearest_codes(w: Tensor, bq: BlockQuant) -> Tensor:
+    """Codes (out, in) uint8 of ``w`` on the grid of ``bq`` (its scales and offsets kept), as ggml
+    rounds: ``x / S + 2^(bits-1)`` rounded half up for the symmetric legacy types, half away from
+    zero for Q8_0, to the nearest level for IQ4_NL, half to even for K types."""
+    t = bq.type
+    x = _blocks(w, t)  # (out, B, n_sub, sub)
+    S, M = bq.scale_offset()
+    zero = 2 ** (t.bits - 1) if t.kind == "sym" else 0
+    x = x if M is None else x - M
+    if t.kind == "nl":
+        q = (x * _inverse(S))[..., None].sub(levels(t)).abs().argmin(-1)
+    elif t.k_type:
+        q = torch.where(S == 0, 0.0, torch.round(x / torch.where(S == 0, 1.0, S))) + zero
+    elif t.name == "Q8_0":
+        y = x * _inverse(S)
+        a = y.abs()
+        q = torch.sign(y) * (a.floor() + (2 * (a - a.floor())).floor()) + zero  # ggml's roundf
+    else:
+        q = torch.trunc(x * _inverse(S) + (zero + 0.5))
+    return q.clamp(0, t.maxq).to(torch.uint8).reshape(w.shape)
+
+
+def dequantize(bq: BlockQuant) -> Tensor:
+    """``S * level(q) + M`` (out, in) float32: exactly what ``gguf.quants.dequantize`` reads from
+    :func:`encode`'s bytes."""
+    t = bq.type
+    out, cols = bq.q.shape
+    lv = levels(t)[bq.q.long()].reshape(out, cols // t.block, t.n_sub, t.sub)
+    S, M = bq.scale_offset()
+    y = S * lv
+    return (y if M is None else y + M).reshape(out, cols)
+
+
+def _legacy_params(x: Tensor, t: BlockType) -> tuple[Tensor, Tensor | None]:
+    """Float32 ``d`` and min (out, B) of a legacy type's blocks ``x`` (out, B, 32), as ggml's
+    reference quantizer computes them: the weight of largest magnitude lands on the lowest level
+    (``-2^(bits-1)``, or IQ4_NL's -127), Q8_0 is symmetric in ``max|w| / 127``, the min types span
+    [min, max]."""
+    x = x.squeeze(2)  # (out, B, 32)
+    if t.name == "Q8_0":
+        return x.abs().amax(-1) / 127, None
+    if t.kind == "sym":
+        return _signed_absmax(x) / -(2 ** (t.bits - 1)), None
+    if t.kind == "nl":
+        return _signed_absmax(x) / IQ4_NL_LEVELS[0], None
+    lo, hi = x.amin(-1), x.amax(-1)
+    return (hi - lo) / t.maxq, lo
+
+
+def _k_params(x: Tensor, t: BlockType) -> dict[str, Tensor]:
+    """A K type's parameters for super-blocks ``x`` (out, B, n_sub, sub): each sub-block's float
+    scale (and min) by round-to-nearest, then the fp16 super-block ``d`` (``dmin``) that maps the
+    largest onto the top integer, then the integer ``sc`` (``mn``) rounded against the fp16 value."""
+    if t.kind == "sym":
+        s = _signed_absmax(x) / -(2 ** (t.bits - 1))  # (out, B, n_sub): extreme weight -> lowest level
+        top = 2 ** (t.scale_bits - 1)  # signed scales in [-top, top - 1]
+        d = fp16_round(_signed_absmax(s) / -top)  # (out, B): the largest scale -> -top
+        sc = torch.round(s * _inverse(d)[..., None]).clamp(-top, top - 1)
+        return {"d": d, "sc": sc.to(torch.int8)}
+    lo = x.amin(-1).clamp(max=0)  # (out, B, n_sub): the grid holds 0, as llama.cpp's K types do
+    hi = x.amax(-1).clamp(min=0)
+    s, mins = (hi - lo) / t.maxq, -lo
+    top = 2**t.scale_bits - 1
+    d, dmin = fp16_round(s.amax(-1) / top), fp16_round(mins.amax(-1) / top)  # (out, B)
+    sc = torch.round(s * _inverse(d)[..., None]).clamp(0, top)
+    mn = torch.round(mins * _inverse(dmin)[..., None]).clamp(0, top)
+    return {"d": d, "m": dmin, "sc": sc.to(torch.uint8), "mn": mn.to(torch.uint8)}
+
+
+def quantize(w: Tensor, gtype: str, *, reference: bool = False) -> BlockQuant:
+    """``w`` (out, in) on the grid of ``gtype`` by round-to-nearest.
+
+    The block parameters are rounded to their stored precision first and the codes are the nearest
+    points of that grid. ``reference=True`` (legacy types only) chooses the codes from the float32
+    scale and min instead, as ggml's reference quantizer (and ``gguf.quants.quantize``) does, so
+    :func:`encode` gives their bytes bit for bit.
+    """
+    t = block_type(gtype)
+    x = _blocks(w, t)
+    if t.k_type:
+        if reference:
+            raise InputError(f"reference=True reproduces ggml's legacy quantizers; {gtype} has none to match")
+        p = _k_params(x, t)
+        return BlockQuant(gtype, nearest_codes(w, BlockQuant(gtype, w, **p)), **p)
+    d, lo = _legacy_params(x, t)
+    stored = {"d": fp16_round(d), "m": None if lo is None else fp16_round(lo)}
+    grid = {"d": d, "m": lo} if reference else stored
+    return BlockQuant(gtype, nearest_codes(w, BlockQuant(gtype, w, **grid)), **stored)
+
+
+# ---- bytes (layouts of ggml-common.h) ----
+
+def _pack(q: np.ndarray, H: int, S: int, W: int, bits: int) -> np.ndarray:
+    """Pack fields ``q`` (..., H*S*W) of ``bits`` bits into bytes (..., H*W): field ``h*S*W + s*W + w``
+    goes to byte ``h*W + w`` at bit ``bits*s``, the interleaving ggml uses for every packed array."""
+    f = q.astype(np.uint8).reshape(*q.shape[:-1], H, S, W)
+    shift = (bits * np.arange(S, dtype=np.uint8)).reshape(S, 1)
+    return np.bitwise_or.reduce(f << shift, axis=-2).reshape(*q.shape[:-1], H * W)
+
+
+def _fp16(x: Tensor) -> np.ndarray:
+    """(..., ) float32 (fp16-exact) -> (..., 2) little-endian fp16 bytes."""
+    return x.numpy().astype("<f2")[..., None].view(np.uint8)
+
+
+def _k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K: 8 six-bit scales and mins (..., 8) -> 12 bytes: bytes 0-3 and 4-7 hold the low
+    6 bits of scales and mins 0-3 plus the top 2 bits of 4-7; bytes 8-11 their low nibbles."""
+    lo = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    mid = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    hi = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+    return np.concatenate([lo, mid, hi], axis=-1)
+
+
+def _legacy_bytes(t: BlockType, q: np.ndarray, bq: BlockQuant) -> list[np.ndarray]:
+    """Parts of a legacy block, q (out, B, 32): ``d [m] [qh] qs``."""
+    parts = [_fp16(bq.d)]
+    if bq.m is not None:
+        parts.append(_fp16(bq.m))
+    if t.name == "Q8_0":
+        return parts + [q ^ np.uint8(0x80)]  # int8 level = q - 128, as two's complement bytes
+    if t.bits == 5:
+        parts.append(_pack(q >> 4, 4, 8, 1, 1))  # qh: bit i of a little-endian uint32 = bit 4 of q[i]
+    return parts + [_pack(q & 15, 1, 2, 16, 4)]  # qs: byte j = q[j] | q[j + 16] << 4
+
+
+def _k_bytes(t: BlockType, q: np.ndarray, bq: BlockQuant) -> list[np.ndarray]:
+    """Parts of a K super-block, q (out, B, 256), in ggml-common.h's order."""
+    sc = bq.sc.numpy()
+    d = _fp16(bq.d)
+    if t.name == "Q6_K":
+        return [_pack(q & 15, 2, 2, 64, 4), _pack(q >> 4, 2, 4, 32, 2), sc.view(np.uint8), d]
+    if t.name == "Q3_K":
+        v = (sc.astype(np.int16) + 32).astype(np.uint8)  # stored 6-bit scale = sc + 32
+        scales = np.concatenate([_pack(v & 15, 1, 2, 8, 4), _pack(v >> 4, 1, 4, 4, 2)], axis=-1)
+        return [_pack((q >> 2) & 1, 1, 8, 32, 1), _pack(q & 3, 2, 4, 32, 2), scales, d]
+    mn, dmin = bq.mn.numpy(), _fp16(bq.m)
+    if t.name == "Q2_K":
+        return [sc | (mn << 4), _pack(q, 2, 4, 32, 2), d, dmin]
+    parts = [d, dmin, _k_scales(sc, mn)]
+    if t.name == "Q5_K":
+        parts.append(_pack(q >> 4, 1, 8, 32, 1))
+    return parts + [_pack(q & 15, 4, 2, 32, 4)]
+
+
+def encode(bq: BlockQuant) -> np.ndarray:
+    """The raw bytes of ``bq``: uint8 (out, B * type_size), the row layout of a ggml tensor."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    t = bq.type
+    out, cols = bq.q.shape
+    q = bq.q.numpy().reshape(out, cols // t.block, t.block)  # (out, B, block)
+    parts = (_k_bytes if t.k_type else _legacy_bytes)(t, q, bq)
+    raw = np.concatenate(parts, axis=-1)  # (out, B, type_size)
+    assert raw.shape[-1] == GGML_QUANT_SIZES[GGMLQuantizationType[t.name]][1], (t.name, raw.shape)
+    return raw.reshape(out, -1)
