@@ -170,7 +170,7 @@ def damped_cholesky(H: Tensor, damp: float, *, inverse: bool = False, method: st
     factorization fails: ``X^T X`` summed from bfloat16 products, or from few tokens, can be singular
     or slightly indefinite. Callers report the layers where ``used > damp``.
     """
-    mean = H.diagonal().mean().clamp_min(1e-30)
+    mean = torch.diag(H).mean().clamp_min(1e-30)  # a contiguous copy: the summation order of the earlier GPTQ/SparseGPT code
     eye = torch.eye(H.shape[0], dtype=H.dtype)
     for k in range(12):
         used = damp if k == 0 else max(damp * 10**k, 10.0 ** (k - 11))
