@@ -37,9 +37,9 @@ def check_calib_dtype(name: str) -> None:
 
 def resolve_calib_dtype(name: str) -> str:
     """``auto``: bfloat16 where this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX), else
-    float32. Measured on an AVX2-only CPU: a bfloat16 (8192 x 576) @ (576 x 1536) product ran at
-    0.6 GFLOP/s against 23 GFLOP/s in float32, so a bfloat16 default made calibration ~40x slower
-    there; on CPUs with bf16 units bfloat16 passes are ~3x faster than float32 at the same perplexity."""
+    float32. ``python bench/bf16_matmul.py`` on an idle AVX2-only CPU: a bfloat16 (8192 x 576) @
+    (576 x 1536) product ran at 1.2 GFLOP/s against 89 GFLOP/s in float32, so a bfloat16 default made
+    calibration tens of times slower there; on CPUs with bf16 units bfloat16 passes are ~3x faster."""
     check_calib_dtype(name)
     if name != "auto":
         return name
