@@ -1,6 +1,6 @@
 """compressed-tensors out and in: one folder evaluated three ways, and llm-compressor's folder read by lmpress.
 
-    flock /tmp/lmpress-heavy.lock python bench/ctensors.py [--only 'W4 g64 sym, 8-bit head,...'] [--no-peer]
+    flock /tmp/lmpress-heavy.lock python bench/ctensors.py [--only 'W4 g64 asym;README'] [--no-peer] [--fresh]
 
 For each setting, GPTQ on the default model and corpus (64 x 512 calibration tokens) writes a
 compressed-tensors folder (``format="compressed-tensors"``), which is then evaluated
@@ -14,20 +14,26 @@ compressed-tensors folder (``format="compressed-tensors"``), which is then evalu
 * by lm-evaluation-harness (``lmpress.lmeval``, when installed) on one packaged task,
 
 and llm-compressor's own compressed-tensors output for the same setting (``--compressed``) is read
-by lmpress and measured the same way. Writes the 'ctensors' section of BENCHMARKS.md.
+by lmpress and measured the same way. The row ``README`` runs the README's first command itself
+(``lmpress compress --method gptq --bits 4 --group-size 64 --sym --head-bits 8``, its defaults: 128 x 512
+calibration tokens) and compares the perplexity it printed with plain transformers' on its folder.
+Finished rows are kept in ``out/ctensors.json`` (``--fresh`` starts over), so the rows can be measured
+one invocation at a time; the 'ctensors' section of BENCHMARKS.md is written from all of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, md_table, write_section
+from common import ROOT, Results, environment, md_table, provenance, write_section
 from quant import run_peer
 
 # label -> (GPTQ options, llm-compressor scheme or None)
@@ -38,6 +44,7 @@ SETTINGS = {
     "W3 g64 sym": ({"bits": 3, "group_size": 64, "sym": True}, None),
 }
 TASK, TASK_LIMIT = "social_iqa", 100
+README_CMD = ["compress", "--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--head-bits", "8"]
 
 
 def logits_gap(a, b, stream, bos, context=512) -> float:
@@ -114,12 +121,46 @@ def peer_row(scheme, model_dir, fm, tok, calib, stream, tmp) -> dict:
             **lmpress.evaluate(theirs, tok, stream=stream, reference=fm, measure_speed=False, progress=False)}
 
 
+def readme_row(fm, tok, stream, tmp) -> dict:
+    """The README's first command as a user runs it, then its folder in plain transformers."""
+    from lmpress.evaluate import perplexity
+
+    folder, js = Path(tmp) / "readme-out", Path(tmp) / "readme.json"
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "lmpress.cli", *README_CMD, "-o", str(folder), "--no-speed",
+                          "--json", str(js)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"the README command failed: {res.stderr.strip()[-500:]}")
+    printed = json.loads(js.read_text())["after"]
+    hf, how = transformers_load(folder)
+    row = {"seconds": time.perf_counter() - t0, "printed_ppl": printed["perplexity"], "printed_kl": printed["kl"],
+           "transformers_how": how, "disk_bytes": printed.get("disk_bytes")}
+    if hf is not None:
+        row["transformers_ppl"] = perplexity(hf, stream, bos=tok.bos_token_id).ppl
+        row["rel_diff"] = abs(row["transformers_ppl"] - row["printed_ppl"]) / row["printed_ppl"]
+    return row
+
+
+def readme_report(r: dict) -> str:
+    if "transformers_ppl" not in r:
+        return f"README's first command: plain transformers does not load its folder ({r['transformers_how']}).\n"
+    ok = "within" if r["rel_diff"] <= 1e-3 else "NOT within"
+    return (f"README's first command (`lmpress {' '.join(README_CMD)} -o OUT`, 128 x 512 calibration tokens, "
+            f"{r['seconds']:.0f} s with the evaluation): lmpress printed perplexity {r['printed_ppl']:.4f} (KL "
+            f"{r['printed_kl']:.4f}); plain transformers (`AutoModelForCausalLM.from_pretrained(OUT)`, {r['transformers_how']}) "
+            f"on the same folder and evaluation tokens: {r['transformers_ppl']:.4f}, a relative difference of "
+            f"{r['rel_diff']:.1e}: {ok} the 0.1% target.\n")
+
+
 def report(rows: dict, float_ppl: float, args) -> str:
     def f(x, nd=3):
         return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
     table = []
+    readme = rows.get("README")
     for label, r in rows.items():
+        if label == "README":
+            continue
         ours = r["lmpress"]
         table.append([label, f(ours["perplexity"]), f(ours["kl"], 4), f(r.get("transformers_ppl")),
                       r["transformers_how"] if "transformers_ppl" in r else f"does not load: {r['transformers_how']}",
@@ -131,10 +172,12 @@ def report(rows: dict, float_ppl: float, args) -> str:
             "max abs logit diff", f"lm-eval {TASK} acc (lmpress)", "lm-eval acc (transformers)",
             "llm-compressor folder read by lmpress: ppl", "its KL"]
     return (f"## compressed-tensors: one folder, three evaluators; llm-compressor's folder read by lmpress\n\n"
-            f"Command: `python bench/ctensors.py`. Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
+            f"Command: `flock /tmp/lmpress-heavy.lock python bench/ctensors.py` (rows can be measured one at a time with "
+            f"`--only LABEL`; cached in out/ctensors.json). Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
             f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
             f"model. lm-eval: {TASK_LIMIT} items of {TASK} through lm-evaluation-harness's HFLM on the in-memory model "
-            "('-': the harness is not installed). Machine: " + environment() + ".\n\n" + md_table(head, table) + "\n")
+            "('-': the harness is not installed). Machine: " + environment() + ". " + provenance(rows) + "\n\n"
+            + md_table(head, table) + "\n\n" + (readme_report(readme) if readme else ""))
 
 
 def main() -> None:
@@ -144,6 +187,7 @@ def main() -> None:
                     help="';'-separated setting labels")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="forget the cached rows")
     args = ap.parse_args()
     torch.set_num_threads(2)
     import lmpress
@@ -153,16 +197,18 @@ def main() -> None:
     fm, tok = lmpress.load_model(model_dir)
     calib, stream = lmpress.prepare(tok, lmpress.DataConfig(calib_samples=args.calib_samples))
     float_ppl = lmpress.evaluate(fm, tok, stream=stream, measure_speed=False, progress=False)["perplexity"]
-    rows = {}
+    results = Results(ROOT / "out" / "ctensors.json", "rows", fresh=args.fresh, only=args.only)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         for label, (opts, scheme) in SETTINGS.items():
-            if args.only and label not in args.only:
+            if not results.wanted(label):
                 continue
-            rows[label] = setting_row(label, opts, fm, tok, calib, stream, tmp)
+            row = setting_row(label, opts, fm, tok, calib, stream, tmp)
             if scheme and not args.no_peer:
-                rows[label]["peer"] = peer_row(scheme, model_dir, fm, tok, calib, stream, tmp)
-            print(json.dumps({label: rows[label]}, default=str), flush=True)
-    body = report(rows, float_ppl, args)
+                row["peer"] = peer_row(scheme, model_dir, fm, tok, calib, stream, tmp)
+            results.record(label, row)
+        if results.wanted("README"):
+            results.record("README", readme_row(fm, tok, stream, tmp))
+    body = report(results.rows, float_ppl, args)
     if not args.no_write:
         write_section("ctensors", body)
     print(body)
