@@ -9,7 +9,7 @@ from pathlib import Path
 from . import arch
 from .data import DataConfig
 from .evaluate import as_dict, compare, peak_rss_bytes, perplexity, speed, tensor_bytes
-from .counts import param_counts
+from .counts import param_counts, stored_dtypes
 
 
 def _bos(tokenizer) -> int | None:
@@ -65,7 +65,9 @@ def describe(model) -> dict:
     spec = arch.spec_for(model)
     counts = param_counts(model)
     linears = arch.compressible_linears(model)
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    stored = stored_dtypes(model)
+    held = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    dtypes = sorted({str(stored.get(n, p.dtype)).removeprefix("torch.") for n, p in model.named_parameters()})
     names = sorted({n.split(".", len(spec.blocks.split(".")) + 1)[-1] for n in linears})
     return {
         "architecture": type(model).__name__,
@@ -76,7 +78,9 @@ def describe(model) -> dict:
         "params_linear": counts.linear,
         "params_head": counts.head,
         "params_other": counts.other,
-        "dtype": ",".join(dtypes),
+        "dtype": ",".join(dtypes),  # as stored in the checkpoint
+        **({"dtype_in_memory": ",".join(held)} if held != dtypes else {}),
+        "linear_bits_per_weight": round(counts.linear_bits_per_weight, 3),
         "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         "compressible_linears": len(linears),
         "linear_names": names,

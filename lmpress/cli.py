@@ -126,8 +126,8 @@ def cmd_eval(args) -> None:
 
         res.update(evaluate_lm_eval(model, tok, args.lm_eval, limit=args.task_limit))
     res["model"] = str(args.model or "smollm2-135m")
-    _emit(args.json, res)
     print(table({res["model"]: res}))
+    _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
 
 
 def _emit(dest, res) -> None:
@@ -144,18 +144,20 @@ def write_json(dest, obj) -> None:
     from pathlib import Path
 
     from .errors import LmpressError
+    from .io import umask, write_failure
 
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, dest)
-    except OSError as e:
+    except BaseException as e:
         os.unlink(tmp)
-        raise LmpressError(f"could not write {dest} ({e.strerror}); the figures are printed above") from None
-    except BaseException:
-        os.unlink(tmp)
+        reason = write_failure(e, dest.parent)
+        if reason:
+            raise LmpressError(f"could not write {dest} ({reason}); the figures are printed above") from None
         raise
 
 
@@ -258,9 +260,9 @@ def cmd_compress(args) -> None:
                                            "weights to or away from zero)"))
     if res["output"]:
         print(f"saved to {res['output']}")
-    _emit(args.json, res)
     if "after" in res:
         print(table({"original": res["before"], "compressed": res["after"]}))
+    _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
 
 
 def _sparsity_summary(sparse: dict[str, float], what: str = "stored sparse") -> str:

@@ -112,8 +112,9 @@ def _check_folder(path: Path, allow_pickle: bool) -> dict:
     return config
 
 
-def _check_safetensors(file: Path) -> None:
-    """Read the header and check that every tensor lies inside the file (catches truncation)."""
+def _check_safetensors(file: Path) -> dict:
+    """Read the header and check that every tensor lies inside the file (catches truncation); returns
+    the header (``{tensor name: {"dtype", "shape", "data_offsets"}}``)."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -129,6 +130,29 @@ def _check_safetensors(file: Path) -> None:
             f"{file} is truncated ({size:,} bytes, its header needs {8 + n + end:,}); "
             "the download or save did not finish: fetch or save it again"
         )
+    return header
+
+
+# safetensors' names of the float dtypes a checkpoint may be stored in
+SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _stored_dtypes(path: Path, model) -> dict:
+    """``{tensor name: dtype}`` for the float tensors of ``model`` that the safetensors files in ``path``
+    store in another dtype than the one they are held in (a bf16 checkpoint loaded as float32), so that
+    sizes and bits per weight can be counted as stored (:mod:`lmpress.counts`)."""
+    import torch
+
+    held = dict(model.state_dict())
+    stored = {}
+    for file in sorted(path.glob("*.safetensors")):
+        for name, info in _check_safetensors(file).items():
+            dtype = getattr(torch, SAFETENSORS_FLOATS.get(str(info.get("dtype")), ""), None) if name != "__metadata__" else None
+            t = held.get(name)
+            if isinstance(dtype, torch.dtype) and t is not None and t.is_floating_point() and t.dtype != dtype:
+                stored[name] = dtype
+    return stored
 
 
 # Encoders that transformers can bolt a causal head onto, but that are not decoder LMs.
@@ -166,6 +190,7 @@ def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool,
             raise InputError(f"{path}/config.json is not a configuration transformers knows ({str(e).splitlines()[0][:200]})")
         _check_decoder(config, path)
         model = _from_pretrained(path, dtype, allow_pickle, trust_remote_code)
+        model.lmpress_stored_dtypes = _stored_dtypes(path, model)
     else:
         reader = formats.writer(fmt)
         if hasattr(reader, "config_of"):
@@ -353,8 +378,8 @@ def _atomic_folder(out: Path, fill) -> Path:
     except OSError as e:
         raise InputError(f"cannot create the output folder beside {out} ({e.strerror}); choose another output folder")
     try:
-        tmp.chmod(0o777 & ~_umask())
         fill(tmp)
+        _permissions_from_umask(tmp)
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, trash)
@@ -364,10 +389,38 @@ def _atomic_folder(out: Path, fill) -> Path:
             os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise InputError(f"could not write {out} ({e.strerror}); nothing was written, free space or choose another folder") from None
+        reason = write_failure(e, out.parent)
+        if reason:
+            raise InputError(f"could not write {out} ({reason}); nothing was written, free space or choose another folder") from None
         raise
     return out
+
+
+def write_failure(e: BaseException, folder: Path) -> str | None:
+    """Why a write into ``folder`` failed, when ``e`` is an I/O failure (a full disk, a lost permission)
+    as the libraries raise it: ``OSError``, safetensors' ``SafetensorError``, ``torch.save``'s
+    ``RuntimeError``; None for anything else (a bug, an interrupt), which is raised as it is."""
+    text = str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        reason = e.strerror
+    elif type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        reason = text.rpartition("I/O error: ")[2]
+    elif isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+        reason = "the write stopped part way"
+    else:
+        return None
+    try:
+        return f"{reason}; {shutil.disk_usage(folder).free:,} bytes free there"
+    except OSError:
+        return reason
+
+
+def _permissions_from_umask(folder: Path) -> None:
+    """Give what was written the modes the umask allows, as ``open`` and ``mkdir`` would (tempfile and
+    safetensors create 0600 files and 0700 folders whatever the umask)."""
+    mask = umask()
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _remove_stale(out: Path) -> None:
@@ -388,7 +441,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

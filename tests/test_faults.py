@@ -283,3 +283,77 @@ FAULTS = {
     "drop-tensor": lambda work, _: _edit_tensors(work, lambda t: t.pop("model.layers.0.mlp.down_proj.weight")),
     "nan-weight": lambda work, _: _edit_tensors(work, lambda t: t["model.layers.0.self_attn.q_proj.weight"].__setitem__((0, 0), float("nan"))),
 }
+
+
+# ---- issue 14's items that are not one refused command ------------------------------------------------
+
+
+def _ev(tiny_inputs) -> list[str]:
+    return ["--data", str(tiny_inputs / "corpus.txt"), "--no-speed", "--eval-tokens", "64", "--context", "16"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_original_is_reported_as_stored(dtype, tiny_inputs, tmp_path, capsys):
+    """Item 10: a bf16/fp16 checkpoint is held in float32, but eval, info and compress's 'before' give
+    its bits per weight as stored (16); the compressed side counts what lmpress holds and saves."""
+    import json
+
+    from test_cli import _tok
+    from tiny import tiny_model
+
+    from lmpress.cli import main
+    from lmpress.counts import param_counts
+    from lmpress.io import load_model
+    from lmpress.recipe import RunContext, apply, make_config
+
+    half = tmp_path / "half"
+    tiny_model("llama").to(getattr(torch, dtype)).save_pretrained(half)
+    _tok(tmp_path).save_pretrained(half)
+    assert main(["eval", str(half), *_ev(tiny_inputs), "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["linear_bits_per_weight"] == 16 and e["disk_bytes"] == (half / "model.safetensors").stat().st_size
+    capsys.readouterr()
+    assert main(["info", str(half), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["dtype"], info["dtype_in_memory"], info["linear_bits_per_weight"]) == (dtype, "float32", 16)
+    rtn = ["--method", "rtn", "--bits", "4", "--group-size", "32"]
+    for src, name in ((half, "h"), (tiny_inputs / "model", "f")):
+        assert main(["compress", str(src), *_ev(tiny_inputs), *rtn, "-o", str(tmp_path / name),
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+    h, f = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "hf")
+    assert (h["before"]["linear_bits_per_weight"], f["before"]["linear_bits_per_weight"]) == (16, 32)
+    assert h["before"]["disk_bytes"] == e["disk_bytes"] < f["before"]["disk_bytes"]
+    assert h["after"]["linear_bits_per_weight"] == f["after"]["linear_bits_per_weight"] == 5  # 4 bits + fp16 scale / 32
+    # once a method changes the loaded model, its tensors count as held (and saved): as the fp32 model's
+    models = [load_model(p, tokenizer=False)[0] for p in (half, tiny_inputs / "model")]
+    for m in models:
+        apply(m, make_config("svd", ratio=0.5), RunContext(progress=False))
+    assert param_counts(models[0]) == param_counts(models[1])
+
+
+def test_outputs_follow_the_umask(tiny_inputs, tmp_path, capsys):
+    """Item 10: the output folder, every file in it and the --json report get the modes the umask
+    allows (tempfile and safetensors make 0700 folders and 0600 files whatever the umask)."""
+    import os
+    import stat
+
+    from lmpress.cli import main
+
+    old = os.umask(0o027)
+    try:
+        assert main(["compress", str(tiny_inputs / "model"), *_ev(tiny_inputs), "--method", "rtn", "--bits", "4",
+                     "-o", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "out", *(tmp_path / "out").iterdir(), tmp_path / "r.json"]
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    assert modes == {p.name: oct(0o750 if p.is_dir() else 0o640) for p in paths}
+
+
+def test_context_past_a_rotary_models_trained_positions_warns(tiny_inputs, tmp_path, capsys):
+    """Item 10: a rotary model runs past its trained context (256 here), with a warning."""
+    from lmpress.cli import main
+
+    args = [{"16": "300", "64": "400"}.get(a, a) for a in _ev(tiny_inputs)]
+    with pytest.warns(UserWarning, match="past the model's trained context of 256"):
+        assert main(["eval", str(tiny_inputs / "model"), *args]) == 0
