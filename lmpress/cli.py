@@ -309,17 +309,27 @@ def main(argv=None) -> int:
     except LmpressError as e:
         print(f"lmpress: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmpress: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"lmpress: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a kill, a job scheduler's stop), raised where the process is so that it unwinds and
+    cleans up as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated(signum)
 
 
 if __name__ == "__main__":
