@@ -122,15 +122,15 @@ def compress(
     from . import recipe as rc
     from .data import prepare
     from .errors import InputError
-    from .io import check_output, load_model
+    from .io import check_output, load_model, model_input_path
 
     if not recipe:
         raise InputError("empty recipe: give --method or --recipe")
     data = data or DataConfig()
     spec = None if hasattr(model, "config") else model
-    if out is not None:
-        check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
     owned = spec is not None or model is None  # loaded here, so ours to change
+    if out is not None:
+        check_output(out, overwrite=overwrite, inputs=[model_input_path(spec) if owned else None, data.corpus])
     before_disk = _disk_bytes(spec) if owned else None  # before anything is written
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -176,22 +176,12 @@ def measured_sparsity(model) -> dict[str, float]:
     return {n: float((arch.linear_weight(m) == 0).float().mean()) for n, m in arch.compressible_linears(model).items()}
 
 
-def _path_of(spec):
-    from .io import resolve_model_path
-
-    if spec is None or not Path(str(spec)).exists():
-        return None
-    return resolve_model_path(spec)
-
-
 def _disk_bytes(spec):
-    from .io import folder_bytes
+    from .io import folder_bytes, model_input_path, resolve_model_path
 
-    path = _path_of(spec)
-    if path is None and spec is None:
-        from .io import resolve_model_path
-
-        path = resolve_model_path(None)  # the built-in model (fetched once)
+    path = model_input_path(spec)
+    if path is not None and not path.exists():
+        path = resolve_model_path(spec)  # a built-in model, fetched once
     return folder_bytes(path) if path is not None else None
 
 

@@ -103,10 +103,11 @@ def _data_cfg(args):
 
 def cmd_eval(args) -> None:
     from .api import evaluate
-    from .io import resolve_model_path
+    from .io import model_input_path, resolve_model_path
     from .report import table
 
-    check_json_dest(args.json)
+    check_json_dest(args.json, inputs=[model_input_path(args.model), model_input_path(args.reference) if args.reference else None,
+                                     args.data, args.task])
     model, tok = _load(args)
     ref = None
     if args.reference:
@@ -219,15 +220,20 @@ def set_fields(pairs: list[str]) -> dict:
     return fields
 
 
-def check_json_dest(dest) -> None:
-    """Check a ``--json FILE`` destination before any work (its folder must exist and be writable)."""
+def check_json_dest(dest, inputs=()) -> None:
+    """Check a ``--json FILE`` destination before any work: its folder must exist and be writable, and
+    it must not be, or lie inside, one of ``inputs`` (the model, corpus, recipe...)."""
     import os
     from pathlib import Path
 
     from .errors import InputError
+    from .io import overlapping_input
 
     if dest in (None, "-"):
         return
+    given, relation = overlapping_input(dest, inputs)
+    if given:
+        raise InputError(f"--json {dest} {relation} the input {given}; write the report somewhere else")
     parent = Path(dest).expanduser().parent
     if not parent.is_dir():
         raise InputError(f"--json {dest}: the folder {parent} does not exist; create it or choose another path")
@@ -240,7 +246,11 @@ def cmd_compress(args) -> None:
     from .data import DataConfig
     from .report import table
 
-    check_json_dest(args.json)
+    from .io import check_output, model_input_path
+
+    inputs = [model_input_path(args.model), args.data, args.recipe]
+    check_json_dest(args.json, inputs)
+    check_output(args.output, overwrite=args.overwrite, inputs=inputs)  # the recipe too, which compress() never sees
     recipe = _recipe_from_args(args)
     data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
                       eval_tokens=args.eval_tokens, seed=args.seed)

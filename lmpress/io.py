@@ -311,7 +311,7 @@ def export(src, out: str | os.PathLike, *, format: str = "auto", overwrite: bool
            allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Convert a model (an lmpress output or any model :func:`load_model` reads) to ``format``,
     keeping its recipe and data metadata: e.g. an lmpress-layout folder to compressed-tensors."""
-    check_output(out, overwrite=overwrite, inputs=[resolve_model_path(src)])
+    check_output(out, overwrite=overwrite, inputs=[model_input_path(src)])
     model, tok = load_model(src, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     info = getattr(model, "lmpress_info", {})
     return save_model(model, out, tokenizer=tok, format=format, recipe=info.get("recipe"), data=info.get("data"),
@@ -345,17 +345,39 @@ def is_lmpress_output(path: Path) -> bool:
     return False
 
 
+def model_input_path(spec) -> Path | None:
+    """The local path that the model ``spec`` reads, fetching nothing: a folder or file, or a built-in
+    name's cache folder (None: the default model's); None when ``spec`` names nothing there."""
+    from . import assets
+
+    name = assets.DEFAULT_MODEL_NAME if spec is None else str(spec)
+    if name in assets.MODEL_ASSETS and not Path(name).exists():
+        return assets.model_cache_dir(name)
+    path = Path(name).expanduser()
+    return path if path.exists() else None
+
+
+def overlapping_input(path: str | os.PathLike, inputs) -> tuple[str | None, str]:
+    """The first of ``inputs`` (paths, None skipped) that ``path`` is, holds or lies inside, and which."""
+    resolved = Path(path).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        inp = Path(given).expanduser().resolve()
+        if inp == resolved or resolved in inp.parents:
+            return str(given), "is or holds"
+        if inp in resolved.parents:
+            return str(given), "lies inside"
+    return None, ""
+
+
 def check_output(out: str | os.PathLike, *, overwrite: bool, inputs=()) -> Path:
     """Check an output path before any work: it must not exist unless ``overwrite``, and then only an
     earlier output of lmpress may be replaced, never a path that is or holds one of ``inputs``."""
     out = Path(out).expanduser()
-    resolved = out.resolve()
-    for given in inputs:
-        if given is None or not Path(given).exists():
-            continue
-        inp = Path(given).expanduser().resolve()
-        if inp == resolved or resolved in inp.parents:
-            raise InputError(f"output {out} is or holds the input {given}; write the output somewhere else")
+    given, relation = overlapping_input(out, inputs)
+    if given:
+        raise InputError(f"output {out} {relation} the input {given}; write the output somewhere else")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise InputError(f"{out} already exists; choose another output folder or pass --overwrite")

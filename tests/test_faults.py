@@ -111,6 +111,13 @@ ROWS = [
     row("overwrite-a-foreign-folder", C + " --method rtn --bits 4 --overwrite", 2, "not an lmpress output",
         files={"out/notes.txt": "mine"}),
     row("json-in-missing-folder", C + " --method rtn --bits 4 --json {W}/nodir/r.json", 2, "does not exist"),
+    row("json-onto-the-models-config", C + " --method rtn --bits 4 --json {M}/config.json", 2, "is or holds the input"),
+    row("eval-json-onto-the-weights", E + " --json {M}/model.safetensors", 2, "lies inside the input"),
+    row("eval-json-onto-the-corpus", E.replace("{D}", "{W}/d.txt") + " --json {W}/d.txt", 2, "is or holds the input",
+        files={"d.txt": "w1 w2 w3\n\n" * 200}),
+    row("output-inside-the-input", C.replace("{O}", "{M}/q") + " --method rtn --bits 4", 2, "lies inside the input"),
+    row("overwrite-the-folder-holding-the-recipe", C.replace("{O}", "{W}/prev") + " --recipe {W}/prev/r.yaml --overwrite",
+        2, "is or holds the input {W}/prev/r.yaml", fault="lmpress-output-prev", files={"prev/r.yaml": "- method: rtn\n"}),
     # found in issue 14's list, fixed with the rows above
     row("pattern-2:3-sparsegpt", C + " --method sparsegpt --pattern 2:3", 2, "multiple of M=3"),
     row("reference-other-vocabulary", E + " --reference {W}/other", 2, "same vocabulary", fault="other-vocab-reference"),
@@ -134,8 +141,9 @@ def test_fault(args, rc, fragment, fault, files, tiny_inputs, tmp_path, capsys, 
     if fault:
         FAULTS[fault](work, tiny_inputs)
     before = _tree(work)
-    argv = [a.format(M=work / "m", O=work / "out", W=work, D=tiny_inputs / "corpus.txt", G=work / "m.gguf")
-            for a in args.split()]
+    paths = dict(M=work / "m", O=work / "out", W=work, D=tiny_inputs / "corpus.txt", G=work / "m.gguf")
+    argv = [a.format(**paths) for a in args.split()]
+    fragment = fragment.format(**paths)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # a prompt would read nothing
     from lmpress.cli import main
 
@@ -263,7 +271,20 @@ def _delete_tokenizer(work: Path, _) -> None:
         f.unlink()
 
 
+def _lmpress_output_prev(work: Path, _) -> None:
+    """An earlier lmpress output at ``{W}/prev`` (which --overwrite may replace), a recipe kept inside it."""
+    from tiny import tiny_model
+
+    from lmpress.io import save_model
+
+    save_model(tiny_model("llama"), work / "prev.tmp")
+    for f in (work / "prev.tmp").iterdir():
+        f.rename(work / "prev" / f.name)
+    (work / "prev.tmp").rmdir()
+
+
 FAULTS = {
+    "lmpress-output-prev": _lmpress_output_prev,
     "other-vocab-reference": _other_vocab,
     "tampered-layers": _tampered_layers,
     "gpt2-model": _gpt2_model,
@@ -357,3 +378,24 @@ def test_context_past_a_rotary_models_trained_positions_warns(tiny_inputs, tmp_p
     args = [{"16": "300", "64": "400"}.get(a, a) for a in _ev(tiny_inputs)]
     with pytest.warns(UserWarning, match="past the model's trained context of 256"):
         assert main(["eval", str(tiny_inputs / "model"), *args]) == 0
+
+
+def test_overwrite_never_replaces_the_built_in_model(tiny_inputs, tmp_path, monkeypatch, capsys):
+    """Item 1: the built-in model's cache folder (named, or the default) is an input too; lmpress wrote
+    it, so without this check --overwrite would replace it."""
+    from test_cli import _tok
+    from tiny import tiny_model
+
+    from lmpress.assets import model_cache_dir
+    from lmpress.cli import main
+    from lmpress.io import save_model
+
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
+    builtin = save_model(tiny_model("llama"), model_cache_dir(), tokenizer=_tok(tmp_path))
+    before = _tree(builtin)
+    for model in ([], ["smollm2-135m"]):
+        for out in (builtin, builtin.parent):
+            argv = ["compress", *model, "--data", str(tiny_inputs / "corpus.txt"), "--no-eval", "--method", "rtn",
+                    "--bits", "4", "-o", str(out), "--overwrite"]
+            assert main(argv) == 2 and "is or holds the input" in capsys.readouterr().err
+    assert _tree(builtin) == before
