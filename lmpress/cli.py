@@ -238,7 +238,7 @@ def check_json_dest(dest, inputs=()) -> None:
     if not parent.is_dir():
         raise InputError(f"--json {dest}: the folder {parent} does not exist; create it or choose another path")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"--json {dest}: cannot write to {parent} (permission denied)")
+        raise InputError(f"--json {dest}: cannot write to {parent} (no write permission, or a read-only disk)")
 
 
 def cmd_compress(args) -> None:

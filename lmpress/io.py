@@ -386,7 +386,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, inputs=()) -> Path:
                              "choose another output path or remove it yourself")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write to {parent} (permission denied); choose another output folder")
+        raise InputError(f"cannot write to {parent} (no write permission, or a read-only disk); choose another output folder")
     return out
 
 

@@ -128,6 +128,16 @@ ROWS = [
     row("calib-len-past-learned-positions", GPTQ.replace("--calib-len 16", "--calib-len 300"), 2, "learned positions",
         fault="gpt2-model"),
     row("info-without-tokenizer", "info {M}", 0, "", fault="delete-tokenizer"),
+    # issue 14 items 3, 4, 6 and 7, walked again: each row fails without its fix
+    row("weights-inf", C + " --method rtn --bits 4", 2, "NaN or infinite", fault="inf-weight"),
+    row("remote-code-decoder-refused", C + " --method rtn --bits 4", 2, "--trust-remote-code", fault="remote-code-decoder"),
+    row("remote-code-decoder-info-refused", "info {M}", 2, "--trust-remote-code", fault="remote-code-decoder"),
+    row("compress-remote-code-decoder-trusted", C + " --method rtn --bits 4 --trust-remote-code", 0, "",
+        fault="remote-code-decoder"),
+    row("eval-remote-code-decoder-trusted", E + " --trust-remote-code", 0, "", fault="remote-code-decoder"),
+    row("compress-pickle-allowed", C + " --method rtn --bits 4 --allow-pickle", 0, "", fault="pickle-only"),
+    row("seq-len-past-learned-positions", "distill --teacher {M} --data {D} -o {O} --tokens 640 --seq-len 300 "
+        "--batch-size 2", 2, "learned positions", fault="gpt2-model"),
 ]
 
 
@@ -157,6 +167,8 @@ def test_fault(args, rc, fragment, fault, files, tiny_inputs, tmp_path, capsys, 
     assert got == rc, out.err[-2000:]
     assert fragment.lower() in out.err.lower(), out.err[-2000:]
     assert "Traceback" not in out.err + out.out
+    if rc == 0 and "-o" in argv:
+        assert (work / "out" / "config.json").exists()
     if rc != 0:
         after = _tree(work)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -283,7 +295,19 @@ def _lmpress_output_prev(work: Path, _) -> None:
     (work / "prev.tmp").rmdir()
 
 
+def _remote_code_decoder(work: Path, _) -> None:
+    """A decoder whose config names its own classes (a Llama under another model_type), and the code."""
+    (work / "m" / "modeling_mylm.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\nclass MyConfig(LlamaConfig):\n"
+        "    model_type = 'mylm'\n\n\nclass MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+    _edit_json(work / "m" / "config.json", model_type="mylm", architectures=["MyForCausalLM"],
+               auto_map={"AutoConfig": "modeling_mylm.MyConfig", "AutoModelForCausalLM": "modeling_mylm.MyForCausalLM"})
+
+
 FAULTS = {
+    "remote-code-decoder": _remote_code_decoder,
+    "inf-weight": lambda work, _: _edit_tensors(work, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("inf"))),
     "lmpress-output-prev": _lmpress_output_prev,
     "other-vocab-reference": _other_vocab,
     "tampered-layers": _tampered_layers,
@@ -399,3 +423,18 @@ def test_overwrite_never_replaces_the_built_in_model(tiny_inputs, tmp_path, monk
                     "--bits", "4", "-o", str(out), "--overwrite"]
             assert main(argv) == 2 and "is or holds the input" in capsys.readouterr().err
     assert _tree(builtin) == before
+
+
+def test_two_gptq_runs_write_identical_bytes(tiny_inputs, tmp_path, capsys):
+    """Item 9: the same compression run twice writes the same bytes, file for file (the default format
+    and lmpress's own layout)."""
+    from lmpress.cli import main
+
+    for fmt in ("auto", "lmpress"):
+        digests = []
+        for i in range(2):
+            out = tmp_path / f"{fmt}{i}"
+            args = GPTQ.format(M=tiny_inputs / "model", D=tiny_inputs / "corpus.txt", O=out).split()
+            assert main([*args, "--format", fmt]) == 0
+            digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()})
+        assert digests[0] == digests[1] and "model.safetensors" in digests[0]

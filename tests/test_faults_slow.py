@@ -17,6 +17,7 @@ command succeeds once the cause is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -157,17 +158,37 @@ class Disk:
 
 @pytest.fixture
 def disk(tmp_path):
-    path = tmp_path / "disk"
+    with _tmpfs(tmp_path / "disk", "size=2m") as path:
+        yield Disk(path)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str):
     path.mkdir()
     if not sys.platform.startswith("linux"):
-        pytest.skip("a full disk is simulated with a Linux tmpfs")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True, text=True)
+        pytest.skip("a full or read-only disk is simulated with a Linux tmpfs")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {(res.stderr or res.stdout).strip()[:200]}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {(res.stderr or res.stdout).strip()[:200]}")
     try:
-        yield Disk(path)
+        yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("where", ["-o", "--json"])
+def test_read_only_disk_is_refused_before_the_work(where, tiny_inputs, tmp_path, capsys):
+    """Issue 14 item 7: a read-only output folder is a one-line error before anything is loaded (as root,
+    file modes do not stop a write; a read-only mount does)."""
+    work, args = _work(tiny_inputs, tmp_path)
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        if where == "-o":
+            args[args.index("-o") + 1] = str(ro / "out")
+        else:
+            args += ["--json", str(ro / "r.json")]
+        before = _tree(work)
+        _refused(args, f"cannot write to {ro}", capsys)
+        assert _tree(work) == before and not list(ro.iterdir())
 
 
 def _refused(argv, fragment: str, capsys) -> str:
