@@ -111,7 +111,7 @@ ROWS = [
     row("overwrite-a-foreign-folder", C + " --method rtn --bits 4 --overwrite", 2, "not an lmpress output",
         files={"out/notes.txt": "mine"}),
     row("json-in-missing-folder", C + " --method rtn --bits 4 --json {W}/nodir/r.json", 2, "does not exist"),
-    row("json-onto-the-models-config", C + " --method rtn --bits 4 --json {M}/config.json", 2, "is or holds the input"),
+    row("json-onto-the-models-config", C + " --method rtn --bits 4 --json {M}/config.json", 2, "lies inside the input"),
     row("eval-json-onto-the-weights", E + " --json {M}/model.safetensors", 2, "lies inside the input"),
     row("eval-json-onto-the-corpus", E.replace("{D}", "{W}/d.txt") + " --json {W}/d.txt", 2, "is or holds the input",
         files={"d.txt": "w1 w2 w3\n\n" * 200}),
