@@ -70,7 +70,7 @@ def load_model(
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{path}: a model file must be .gguf; for other formats give the folder")
-        model, tok = load_gguf(path)
+        model, tok = load_gguf(path, trust_remote_code=trust_remote_code)
     else:
         model, tok = _load_folder(path, dtype, allow_pickle, trust_remote_code, tokenizer)
     model.eval()
@@ -250,14 +250,17 @@ def _load_tokenizer(path: Path, **kw):
         raise InputError(f"no usable tokenizer in {path} ({str(e).splitlines()[0][:200]}); save it beside the model")
 
 
-def load_gguf(file: str | os.PathLike):
-    """Load a GGUF file with transformers, dequantized to float32; returns ``(model, tokenizer)``."""
+def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
+    """Load a GGUF file with transformers, dequantized to float32; returns ``(model, tokenizer)``.
+    transformers also reads a ``tokenizer_config.json`` beside the file: code it names is refused
+    unless ``trust_remote_code``."""
     file = Path(file)
     _check_gguf(file)
+    _check_remote_code(file.parent, {}, trust_remote_code)
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    kw = {"gguf_file": file.name}
+    kw = {"gguf_file": file.name, "trust_remote_code": trust_remote_code}  # a bool: transformers never asks
     try:
         tok = _load_tokenizer(file.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(

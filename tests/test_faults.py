@@ -136,6 +136,7 @@ ROWS = [
         fault="remote-code-decoder"),
     row("eval-remote-code-decoder-trusted", E + " --trust-remote-code", 0, "", fault="remote-code-decoder"),
     row("compress-pickle-allowed", C + " --method rtn --bits 4 --allow-pickle", 0, "", fault="pickle-only"),
+    row("gguf-beside-a-remote-code-tokenizer", G, 2, "--trust-remote-code", fault="gguf-remote-code-tokenizer"),
     row("seq-len-past-learned-positions", "distill --teacher {M} --data {D} -o {O} --tokens 640 --seq-len 300 "
         "--batch-size 2", 2, "learned positions", fault="gpt2-model"),
 ]
@@ -167,6 +168,7 @@ def test_fault(args, rc, fragment, fault, files, tiny_inputs, tmp_path, capsys, 
     assert got == rc, out.err[-2000:]
     assert fragment.lower() in out.err.lower(), out.err[-2000:]
     assert "Traceback" not in out.err + out.out
+    assert "[y/N]" not in out.err + out.out, "loading asked whether to run code"
     if rc == 0 and "-o" in argv:
         assert (work / "out" / "config.json").exists()
     if rc != 0:
@@ -221,10 +223,11 @@ def _edit_tensors(work: Path, edit) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def _remote_code_tokenizer(work: Path, _) -> None:
-    _edit_json(work / "m" / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
+def _remote_code_tokenizer(work: Path, _, folder: Path | None = None) -> None:
+    folder = folder or work / "m"
+    _edit_json(folder / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
                auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
-    (work / "m" / "evil.py").write_text(  # if it ever runs, it leaves a file the tree check sees
+    (folder / "evil.py").write_text(  # if it ever runs, it leaves a file the tree check sees
         "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('ran')\n"
         "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
     )
@@ -305,7 +308,15 @@ def _remote_code_decoder(work: Path, _) -> None:
                auto_map={"AutoConfig": "modeling_mylm.MyConfig", "AutoModelForCausalLM": "modeling_mylm.MyForCausalLM"})
 
 
+def _gguf_remote_code_tokenizer(work: Path, inputs: Path) -> None:
+    """A good GGUF file in a folder whose tokenizer_config.json names code (transformers reads it too)."""
+    (work / "m.gguf").write_bytes((inputs / "tiny.gguf").read_bytes())
+    shutil.copy(work / "m" / "tokenizer_config.json", work / "tokenizer_config.json")
+    _remote_code_tokenizer(work, None, folder=work)
+
+
 FAULTS = {
+    "gguf-remote-code-tokenizer": _gguf_remote_code_tokenizer,
     "remote-code-decoder": _remote_code_decoder,
     "inf-weight": lambda work, _: _edit_tensors(work, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("inf"))),
     "lmpress-output-prev": _lmpress_output_prev,
