@@ -106,8 +106,8 @@ def cmd_eval(args) -> None:
     from .io import model_input_path, resolve_model_path
     from .report import table
 
-    check_json_dest(args.json, inputs=[model_input_path(args.model), model_input_path(args.reference) if args.reference else None,
-                                     args.data, args.task])
+    reference = model_input_path(args.reference) if args.reference else None
+    check_json_dest(args.json, inputs=[model_input_path(args.model), reference, args.data, args.task])
     model, tok = _load(args)
     ref = None
     if args.reference:

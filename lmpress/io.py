@@ -148,10 +148,9 @@ def _stored_dtypes(path: Path, model) -> dict:
     stored = {}
     for file in sorted(path.glob("*.safetensors")):
         for name, info in _check_safetensors(file).items():
-            dtype = getattr(torch, SAFETENSORS_FLOATS.get(str(info.get("dtype")), ""), None) if name != "__metadata__" else None
-            t = held.get(name)
-            if isinstance(dtype, torch.dtype) and t is not None and t.is_floating_point() and t.dtype != dtype:
-                stored[name] = dtype
+            kind, t = SAFETENSORS_FLOATS.get(info.get("dtype")), held.get(name)  # "__metadata__" has no dtype
+            if kind and t is not None and t.is_floating_point() and t.dtype != getattr(torch, kind):
+                stored[name] = getattr(torch, kind)
     return stored
 
 
