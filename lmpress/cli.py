@@ -244,9 +244,9 @@ def check_json_dest(dest, inputs=()) -> None:
 def cmd_compress(args) -> None:
     from .api import compress
     from .data import DataConfig
-    from .report import table
-
+    from .errors import LmpressError
     from .io import check_output, model_input_path
+    from .report import table
 
     inputs = [model_input_path(args.model), args.data, args.recipe]
     check_json_dest(args.json, inputs)
@@ -272,7 +272,11 @@ def cmd_compress(args) -> None:
         print(f"saved to {res['output']}")
     if "after" in res:
         print(table({"original": res["before"], "compressed": res["after"]}))
-    _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
+    try:
+        _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
+    except LmpressError as e:
+        saved = f"; the model is saved in {res['output']} (a rerun replaces it with --overwrite)" if res["output"] else ""
+        raise LmpressError(f"{e}{saved}") from None
 
 
 def _sparsity_summary(sparse: dict[str, float], what: str = "stored sparse") -> str:

@@ -222,6 +222,8 @@ def test_full_disk_under_the_json_report(cmd, disk, tiny_inputs, tmp_path, capsy
     disk.fill()
     err = _refused(args, f"could not write {disk.path / 'r.json'} (No space left on device", capsys)
     assert "the figures are printed above" in err
+    if cmd == "compress":
+        assert f"the model is saved in {work / 'out'} (a rerun replaces it with --overwrite)" in err
     assert disk.contents() == ["filler"]  # no empty report, no temporary file
     disk.empty()
     if cmd == "compress":  # the model was saved before the report failed: a rerun replaces it
