@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from . import arch
 from .data import DataConfig
 from .evaluate import as_dict, compare, peak_rss_bytes, perplexity, speed, tensor_bytes
-from .counts import param_counts
+from .counts import param_counts, stored_dtypes
 
 
 def _bos(tokenizer) -> int | None:
@@ -65,7 +64,9 @@ def describe(model) -> dict:
     spec = arch.spec_for(model)
     counts = param_counts(model)
     linears = arch.compressible_linears(model)
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    stored = stored_dtypes(model)
+    held = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    dtypes = sorted({str(stored.get(n, p.dtype)).removeprefix("torch.") for n, p in model.named_parameters()})
     names = sorted({n.split(".", len(spec.blocks.split(".")) + 1)[-1] for n in linears})
     return {
         "architecture": type(model).__name__,
@@ -76,7 +77,9 @@ def describe(model) -> dict:
         "params_linear": counts.linear,
         "params_head": counts.head,
         "params_other": counts.other,
-        "dtype": ",".join(dtypes),
+        "dtype": ",".join(dtypes),  # as stored in the checkpoint
+        **({"dtype_in_memory": ",".join(held)} if held != dtypes else {}),
+        "linear_bits_per_weight": round(counts.linear_bits_per_weight, 3),
         "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         "compressible_linears": len(linears),
         "linear_names": names,
@@ -118,15 +121,15 @@ def compress(
     from . import recipe as rc
     from .data import prepare
     from .errors import InputError
-    from .io import check_output, load_model
+    from .io import check_output, load_model, model_input_path
 
     if not recipe:
         raise InputError("empty recipe: give --method or --recipe")
     data = data or DataConfig()
     spec = None if hasattr(model, "config") else model
-    if out is not None:
-        check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
     owned = spec is not None or model is None  # loaded here, so ours to change
+    if out is not None:
+        check_output(out, overwrite=overwrite, inputs=[model_input_path(spec) if owned else None, data.corpus])
     before_disk = _disk_bytes(spec) if owned else None  # before anything is written
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -172,22 +175,12 @@ def measured_sparsity(model) -> dict[str, float]:
     return {n: float((arch.linear_weight(m) == 0).float().mean()) for n, m in arch.compressible_linears(model).items()}
 
 
-def _path_of(spec):
-    from .io import resolve_model_path
-
-    if spec is None or not Path(str(spec)).exists():
-        return None
-    return resolve_model_path(spec)
-
-
 def _disk_bytes(spec):
-    from .io import folder_bytes
+    from .io import folder_bytes, model_input_path, resolve_model_path
 
-    path = _path_of(spec)
-    if path is None and spec is None:
-        from .io import resolve_model_path
-
-        path = resolve_model_path(None)  # the built-in model (fetched once)
+    path = model_input_path(spec)
+    if path is not None and not path.exists():
+        path = resolve_model_path(spec)  # a built-in model, fetched once
     return folder_bytes(path) if path is not None else None
 
 

@@ -103,10 +103,11 @@ def _data_cfg(args):
 
 def cmd_eval(args) -> None:
     from .api import evaluate
-    from .io import resolve_model_path
+    from .io import model_input_path, resolve_model_path
     from .report import table
 
-    check_json_dest(args.json)
+    reference = model_input_path(args.reference) if args.reference else None
+    check_json_dest(args.json, inputs=[model_input_path(args.model), reference, args.data, args.task])
     model, tok = _load(args)
     ref = None
     if args.reference:
@@ -126,8 +127,8 @@ def cmd_eval(args) -> None:
 
         res.update(evaluate_lm_eval(model, tok, args.lm_eval, limit=args.task_limit))
     res["model"] = str(args.model or "smollm2-135m")
-    _emit(args.json, res)
     print(table({res["model"]: res}))
+    _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
 
 
 def _emit(dest, res) -> None:
@@ -144,18 +145,20 @@ def write_json(dest, obj) -> None:
     from pathlib import Path
 
     from .errors import LmpressError
+    from .io import umask, write_failure
 
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, dest)
-    except OSError as e:
+    except BaseException as e:
         os.unlink(tmp)
-        raise LmpressError(f"could not write {dest} ({e.strerror}); the figures are printed above") from None
-    except BaseException:
-        os.unlink(tmp)
+        reason = write_failure(e, dest.parent)
+        if reason:
+            raise LmpressError(f"could not write {dest} ({reason}); the figures are printed above") from None
         raise
 
 
@@ -217,28 +220,37 @@ def set_fields(pairs: list[str]) -> dict:
     return fields
 
 
-def check_json_dest(dest) -> None:
-    """Check a ``--json FILE`` destination before any work (its folder must exist and be writable)."""
+def check_json_dest(dest, inputs=()) -> None:
+    """Check a ``--json FILE`` destination before any work: its folder must exist and be writable, and
+    it must not be, or lie inside, one of ``inputs`` (the model, corpus, recipe...)."""
     import os
     from pathlib import Path
 
     from .errors import InputError
+    from .io import overlapping_input
 
     if dest in (None, "-"):
         return
+    given, relation = overlapping_input(dest, inputs)
+    if given:
+        raise InputError(f"--json {dest} {relation} the input {given}; write the report somewhere else")
     parent = Path(dest).expanduser().parent
     if not parent.is_dir():
         raise InputError(f"--json {dest}: the folder {parent} does not exist; create it or choose another path")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"--json {dest}: cannot write to {parent} (permission denied)")
+        raise InputError(f"--json {dest}: cannot write to {parent} (no write permission, or a read-only disk)")
 
 
 def cmd_compress(args) -> None:
     from .api import compress
     from .data import DataConfig
+    from .errors import LmpressError
+    from .io import check_output, model_input_path
     from .report import table
 
-    check_json_dest(args.json)
+    inputs = [model_input_path(args.model), args.data, args.recipe]
+    check_json_dest(args.json, inputs)
+    check_output(args.output, overwrite=args.overwrite, inputs=inputs)  # the recipe too, which compress() never sees
     recipe = _recipe_from_args(args)
     data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
                       eval_tokens=args.eval_tokens, seed=args.seed)
@@ -258,9 +270,13 @@ def cmd_compress(args) -> None:
                                            "weights to or away from zero)"))
     if res["output"]:
         print(f"saved to {res['output']}")
-    _emit(args.json, res)
     if "after" in res:
         print(table({"original": res["before"], "compressed": res["after"]}))
+    try:
+        _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
+    except LmpressError as e:
+        saved = f"; the model is saved in {res['output']} (a rerun replaces it with --overwrite)" if res["output"] else ""
+        raise LmpressError(f"{e}{saved}") from None
 
 
 def _sparsity_summary(sparse: dict[str, float], what: str = "stored sparse") -> str:
@@ -307,17 +323,27 @@ def main(argv=None) -> int:
     except LmpressError as e:
         print(f"lmpress: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmpress: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"lmpress: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a kill, a job scheduler's stop), raised where the process is so that it unwinds and
+    cleans up as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated(signum)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Parameter counts and storage: embeddings / linear layers / other, bits per weight."""
+"""Parameter counts and storage: embeddings / linear layers / other, bits per weight.
+
+Bytes are counted as the tensors are stored: a float checkpoint loaded into float32 (a bf16 or fp16
+safetensors folder) carries the dtypes it was stored in (``model.lmpress_stored_dtypes``, set by
+:func:`lmpress.io.load_model`), and its weights count at those; once lmpress changes the model
+(:func:`forget_stored_dtypes`, called for every method), its tensors count as held in memory, which is
+how lmpress saves them.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +40,19 @@ def _logical_numel(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters(recurse=False))
 
 
-def _stored_bytes(m: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+def _stored_bytes(m: nn.Module, name: str, stored: dict) -> int:
+    tensors = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+    return sum(t.numel() * stored.get(f"{name}.{k}", t.dtype).itemsize for k, t in tensors)
+
+
+def stored_dtypes(model: nn.Module) -> dict:
+    """``{tensor name: dtype}`` of the tensors whose checkpoint dtype differs from the one held in memory."""
+    return getattr(model, "lmpress_stored_dtypes", None) or {}
+
+
+def forget_stored_dtypes(model: nn.Module) -> None:
+    """The model no longer is the checkpoint it was loaded from: count its tensors as held (and saved)."""
+    model.__dict__.pop("lmpress_stored_dtypes", None)
 
 
 def param_counts(model: nn.Module) -> ParamCounts:
@@ -47,7 +65,8 @@ def param_counts(model: nn.Module) -> ParamCounts:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_params = {id(p) for p in head.parameters(recurse=False)} if head is not None else set()
     linear = sum(_logical_numel(m) for m in linears.values())
-    lbytes = sum(_stored_bytes(m) for m in linears.values())
+    stored = stored_dtypes(model)
+    lbytes = sum(_stored_bytes(m, n, stored) for n, m in linears.items())
     counted_in_linears = {id(p) for m in linears.values() for p in m.parameters(recurse=False)}
     emb = hd = other = 0
     seen = set()

@@ -70,7 +70,7 @@ def load_model(
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{path}: a model file must be .gguf; for other formats give the folder")
-        model, tok = load_gguf(path)
+        model, tok = load_gguf(path, trust_remote_code=trust_remote_code)
     else:
         model, tok = _load_folder(path, dtype, allow_pickle, trust_remote_code, tokenizer)
     model.eval()
@@ -112,8 +112,9 @@ def _check_folder(path: Path, allow_pickle: bool) -> dict:
     return config
 
 
-def _check_safetensors(file: Path) -> None:
-    """Read the header and check that every tensor lies inside the file (catches truncation)."""
+def _check_safetensors(file: Path) -> dict:
+    """Read the header and check that every tensor lies inside the file (catches truncation); returns
+    the header (``{tensor name: {"dtype", "shape", "data_offsets"}}``)."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -129,6 +130,28 @@ def _check_safetensors(file: Path) -> None:
             f"{file} is truncated ({size:,} bytes, its header needs {8 + n + end:,}); "
             "the download or save did not finish: fetch or save it again"
         )
+    return header
+
+
+# safetensors' names of the float dtypes a checkpoint may be stored in
+SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _stored_dtypes(path: Path, model) -> dict:
+    """``{tensor name: dtype}`` for the float tensors of ``model`` that the safetensors files in ``path``
+    store in another dtype than the one they are held in (a bf16 checkpoint loaded as float32), so that
+    sizes and bits per weight can be counted as stored (:mod:`lmpress.counts`)."""
+    import torch
+
+    held = dict(model.state_dict())
+    stored = {}
+    for file in sorted(path.glob("*.safetensors")):
+        for name, info in _check_safetensors(file).items():
+            kind, t = SAFETENSORS_FLOATS.get(info.get("dtype")), held.get(name)  # "__metadata__" has no dtype
+            if kind and t is not None and t.is_floating_point() and t.dtype != getattr(torch, kind):
+                stored[name] = getattr(torch, kind)
+    return stored
 
 
 # Encoders that transformers can bolt a causal head onto, but that are not decoder LMs.
@@ -166,6 +189,7 @@ def _load_folder(path: Path, dtype, allow_pickle: bool, trust_remote_code: bool,
             raise InputError(f"{path}/config.json is not a configuration transformers knows ({str(e).splitlines()[0][:200]})")
         _check_decoder(config, path)
         model = _from_pretrained(path, dtype, allow_pickle, trust_remote_code)
+        model.lmpress_stored_dtypes = _stored_dtypes(path, model)
     else:
         reader = formats.writer(fmt)
         if hasattr(reader, "config_of"):
@@ -225,14 +249,17 @@ def _load_tokenizer(path: Path, **kw):
         raise InputError(f"no usable tokenizer in {path} ({str(e).splitlines()[0][:200]}); save it beside the model")
 
 
-def load_gguf(file: str | os.PathLike):
-    """Load a GGUF file with transformers, dequantized to float32; returns ``(model, tokenizer)``."""
+def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
+    """Load a GGUF file with transformers, dequantized to float32; returns ``(model, tokenizer)``.
+    transformers also reads a ``tokenizer_config.json`` beside the file: code it names is refused
+    unless ``trust_remote_code``."""
     file = Path(file)
     _check_gguf(file)
+    _check_remote_code(file.parent, {}, trust_remote_code)
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    kw = {"gguf_file": file.name}
+    kw = {"gguf_file": file.name, "trust_remote_code": trust_remote_code}  # a bool: transformers never asks
     try:
         tok = _load_tokenizer(file.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(
@@ -286,7 +313,7 @@ def export(src, out: str | os.PathLike, *, format: str = "auto", overwrite: bool
            allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Convert a model (an lmpress output or any model :func:`load_model` reads) to ``format``,
     keeping its recipe and data metadata: e.g. an lmpress-layout folder to compressed-tensors."""
-    check_output(out, overwrite=overwrite, inputs=[resolve_model_path(src)])
+    check_output(out, overwrite=overwrite, inputs=[model_input_path(src)])
     model, tok = load_model(src, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     info = getattr(model, "lmpress_info", {})
     return save_model(model, out, tokenizer=tok, format=format, recipe=info.get("recipe"), data=info.get("data"),
@@ -320,17 +347,39 @@ def is_lmpress_output(path: Path) -> bool:
     return False
 
 
+def model_input_path(spec) -> Path | None:
+    """The local path that the model ``spec`` reads, fetching nothing: a folder or file, or a built-in
+    name's cache folder (None: the default model's); None when ``spec`` names nothing there."""
+    from . import assets
+
+    name = assets.DEFAULT_MODEL_NAME if spec is None else str(spec)
+    if name in assets.MODEL_ASSETS and not Path(name).exists():
+        return assets.model_cache_dir(name)
+    path = Path(name).expanduser()
+    return path if path.exists() else None
+
+
+def overlapping_input(path: str | os.PathLike, inputs) -> tuple[str | None, str]:
+    """The first of ``inputs`` (paths, None skipped) that ``path`` is, holds or lies inside, and which."""
+    resolved = Path(path).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        inp = Path(given).expanduser().resolve()
+        if inp == resolved or resolved in inp.parents:
+            return str(given), "is or holds"
+        if inp in resolved.parents:
+            return str(given), "lies inside"
+    return None, ""
+
+
 def check_output(out: str | os.PathLike, *, overwrite: bool, inputs=()) -> Path:
     """Check an output path before any work: it must not exist unless ``overwrite``, and then only an
     earlier output of lmpress may be replaced, never a path that is or holds one of ``inputs``."""
     out = Path(out).expanduser()
-    resolved = out.resolve()
-    for given in inputs:
-        if given is None or not Path(given).exists():
-            continue
-        inp = Path(given).expanduser().resolve()
-        if inp == resolved or resolved in inp.parents:
-            raise InputError(f"output {out} is or holds the input {given}; write the output somewhere else")
+    given, relation = overlapping_input(out, inputs)
+    if given:
+        raise InputError(f"output {out} {relation} the input {given}; write the output somewhere else")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise InputError(f"{out} already exists; choose another output folder or pass --overwrite")
@@ -339,7 +388,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, inputs=()) -> Path:
                              "choose another output path or remove it yourself")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write to {parent} (permission denied); choose another output folder")
+        raise InputError(f"cannot write to {parent} (no write permission, or a read-only disk); choose another output folder")
     return out
 
 
@@ -353,8 +402,8 @@ def _atomic_folder(out: Path, fill) -> Path:
     except OSError as e:
         raise InputError(f"cannot create the output folder beside {out} ({e.strerror}); choose another output folder")
     try:
-        tmp.chmod(0o777 & ~_umask())
         fill(tmp)
+        _permissions_from_umask(tmp)
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, trash)
@@ -364,10 +413,38 @@ def _atomic_folder(out: Path, fill) -> Path:
             os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise InputError(f"could not write {out} ({e.strerror}); nothing was written, free space or choose another folder") from None
+        reason = write_failure(e, out.parent)
+        if reason:
+            raise InputError(f"could not write {out} ({reason}); nothing was written, free space or choose another folder") from None
         raise
     return out
+
+
+def write_failure(e: BaseException, folder: Path) -> str | None:
+    """Why a write into ``folder`` failed, when ``e`` is an I/O failure (a full disk, a lost permission)
+    as the libraries raise it: ``OSError``, safetensors' ``SafetensorError``, ``torch.save``'s
+    ``RuntimeError``; None for anything else (a bug, an interrupt), which is raised as it is."""
+    text = str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        reason = e.strerror
+    elif type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        reason = text.rpartition("I/O error: ")[2]
+    elif isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+        reason = "the write stopped part way"
+    else:
+        return None
+    try:
+        return f"{reason}; {shutil.disk_usage(folder).free:,} bytes free there"
+    except OSError:
+        return reason
+
+
+def _permissions_from_umask(folder: Path) -> None:
+    """Give what was written the modes the umask allows, as ``open`` and ``mkdir`` would (tempfile and
+    safetensors create 0600 files and 0700 folders whatever the umask)."""
+    mask = umask()
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _remove_stale(out: Path) -> None:
@@ -388,7 +465,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

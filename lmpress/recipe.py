@@ -181,9 +181,11 @@ def apply(model, cfg, ctx: RunContext) -> dict:
     """Apply one method config to ``model`` in place, then its finishing step; returns its figures.
     Compact sparse layers of an earlier step are turned back into dense ones first (exactly), so
     every method sees the plain layers it expects; the finishing step stores them compactly again."""
+    from .counts import forget_stored_dtypes
     from .prune.sparse import densify_
 
     _, fn = _entry(cfg.method)
+    forget_stored_dtypes(model)  # its tensors are now lmpress's, saved as held
     densify_(model)
     info = fn(model, cfg, ctx) or {}
     finish = entry(cfg.method).finish

@@ -111,6 +111,13 @@ ROWS = [
     row("overwrite-a-foreign-folder", C + " --method rtn --bits 4 --overwrite", 2, "not an lmpress output",
         files={"out/notes.txt": "mine"}),
     row("json-in-missing-folder", C + " --method rtn --bits 4 --json {W}/nodir/r.json", 2, "does not exist"),
+    row("json-onto-the-models-config", C + " --method rtn --bits 4 --json {M}/config.json", 2, "lies inside the input"),
+    row("eval-json-onto-the-weights", E + " --json {M}/model.safetensors", 2, "lies inside the input"),
+    row("eval-json-onto-the-corpus", E.replace("{D}", "{W}/d.txt") + " --json {W}/d.txt", 2, "is or holds the input",
+        files={"d.txt": "w1 w2 w3\n\n" * 200}),
+    row("output-inside-the-input", C.replace("{O}", "{M}/q") + " --method rtn --bits 4", 2, "lies inside the input"),
+    row("overwrite-the-folder-holding-the-recipe", C.replace("{O}", "{W}/prev") + " --recipe {W}/prev/r.yaml --overwrite",
+        2, "is or holds the input {W}/prev/r.yaml", fault="lmpress-output-prev", files={"prev/r.yaml": "- method: rtn\n"}),
     # found in issue 14's list, fixed with the rows above
     row("pattern-2:3-sparsegpt", C + " --method sparsegpt --pattern 2:3", 2, "multiple of M=3"),
     row("reference-other-vocabulary", E + " --reference {W}/other", 2, "same vocabulary", fault="other-vocab-reference"),
@@ -121,6 +128,17 @@ ROWS = [
     row("calib-len-past-learned-positions", GPTQ.replace("--calib-len 16", "--calib-len 300"), 2, "learned positions",
         fault="gpt2-model"),
     row("info-without-tokenizer", "info {M}", 0, "", fault="delete-tokenizer"),
+    # issue 14 items 3, 4, 6 and 7, walked again: each row fails without its fix
+    row("weights-inf", C + " --method rtn --bits 4", 2, "NaN or infinite", fault="inf-weight"),
+    row("remote-code-decoder-refused", C + " --method rtn --bits 4", 2, "--trust-remote-code", fault="remote-code-decoder"),
+    row("remote-code-decoder-info-refused", "info {M}", 2, "--trust-remote-code", fault="remote-code-decoder"),
+    row("compress-remote-code-decoder-trusted", C + " --method rtn --bits 4 --trust-remote-code", 0, "",
+        fault="remote-code-decoder"),
+    row("eval-remote-code-decoder-trusted", E + " --trust-remote-code", 0, "", fault="remote-code-decoder"),
+    row("compress-pickle-allowed", C + " --method rtn --bits 4 --allow-pickle", 0, "", fault="pickle-only"),
+    row("gguf-beside-a-remote-code-tokenizer", G, 2, "--trust-remote-code", fault="gguf-remote-code-tokenizer"),
+    row("seq-len-past-learned-positions", "distill --teacher {M} --data {D} -o {O} --tokens 640 --seq-len 300 "
+        "--batch-size 2", 2, "learned positions", fault="gpt2-model"),
 ]
 
 
@@ -134,8 +152,9 @@ def test_fault(args, rc, fragment, fault, files, tiny_inputs, tmp_path, capsys, 
     if fault:
         FAULTS[fault](work, tiny_inputs)
     before = _tree(work)
-    argv = [a.format(M=work / "m", O=work / "out", W=work, D=tiny_inputs / "corpus.txt", G=work / "m.gguf")
-            for a in args.split()]
+    paths = dict(M=work / "m", O=work / "out", W=work, D=tiny_inputs / "corpus.txt", G=work / "m.gguf")
+    argv = [a.format(**paths) for a in args.split()]
+    fragment = fragment.format(**paths)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # a prompt would read nothing
     from lmpress.cli import main
 
@@ -149,6 +168,9 @@ def test_fault(args, rc, fragment, fault, files, tiny_inputs, tmp_path, capsys, 
     assert got == rc, out.err[-2000:]
     assert fragment.lower() in out.err.lower(), out.err[-2000:]
     assert "Traceback" not in out.err + out.out
+    assert "[y/N]" not in out.err + out.out, "loading asked whether to run code"
+    if rc == 0 and "-o" in argv:
+        assert (work / "out" / "config.json").exists()
     if rc != 0:
         after = _tree(work)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -201,10 +223,11 @@ def _edit_tensors(work: Path, edit) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def _remote_code_tokenizer(work: Path, _) -> None:
-    _edit_json(work / "m" / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
+def _remote_code_tokenizer(work: Path, _, folder: Path | None = None) -> None:
+    folder = folder or work / "m"
+    _edit_json(folder / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
                auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
-    (work / "m" / "evil.py").write_text(  # if it ever runs, it leaves a file the tree check sees
+    (folder / "evil.py").write_text(  # if it ever runs, it leaves a file the tree check sees
         "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('ran')\n"
         "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
     )
@@ -263,7 +286,40 @@ def _delete_tokenizer(work: Path, _) -> None:
         f.unlink()
 
 
+def _lmpress_output_prev(work: Path, _) -> None:
+    """An earlier lmpress output at ``{W}/prev`` (which --overwrite may replace), a recipe kept inside it."""
+    from tiny import tiny_model
+
+    from lmpress.io import save_model
+
+    save_model(tiny_model("llama"), work / "prev.tmp")
+    for f in (work / "prev.tmp").iterdir():
+        f.rename(work / "prev" / f.name)
+    (work / "prev.tmp").rmdir()
+
+
+def _remote_code_decoder(work: Path, _) -> None:
+    """A decoder whose config names its own classes (a Llama under another model_type), and the code."""
+    (work / "m" / "modeling_mylm.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\nclass MyConfig(LlamaConfig):\n"
+        "    model_type = 'mylm'\n\n\nclass MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+    _edit_json(work / "m" / "config.json", model_type="mylm", architectures=["MyForCausalLM"],
+               auto_map={"AutoConfig": "modeling_mylm.MyConfig", "AutoModelForCausalLM": "modeling_mylm.MyForCausalLM"})
+
+
+def _gguf_remote_code_tokenizer(work: Path, inputs: Path) -> None:
+    """A good GGUF file in a folder whose tokenizer_config.json names code (transformers reads it too)."""
+    (work / "m.gguf").write_bytes((inputs / "tiny.gguf").read_bytes())
+    shutil.copy(work / "m" / "tokenizer_config.json", work / "tokenizer_config.json")
+    _remote_code_tokenizer(work, None, folder=work)
+
+
 FAULTS = {
+    "gguf-remote-code-tokenizer": _gguf_remote_code_tokenizer,
+    "remote-code-decoder": _remote_code_decoder,
+    "inf-weight": lambda work, _: _edit_tensors(work, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("inf"))),
+    "lmpress-output-prev": _lmpress_output_prev,
     "other-vocab-reference": _other_vocab,
     "tampered-layers": _tampered_layers,
     "gpt2-model": _gpt2_model,
@@ -283,3 +339,113 @@ FAULTS = {
     "drop-tensor": lambda work, _: _edit_tensors(work, lambda t: t.pop("model.layers.0.mlp.down_proj.weight")),
     "nan-weight": lambda work, _: _edit_tensors(work, lambda t: t["model.layers.0.self_attn.q_proj.weight"].__setitem__((0, 0), float("nan"))),
 }
+
+
+# ---- issue 14's items that are not one refused command ------------------------------------------------
+
+
+def _ev(tiny_inputs) -> list[str]:
+    return ["--data", str(tiny_inputs / "corpus.txt"), "--no-speed", "--eval-tokens", "64", "--context", "16"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_original_is_reported_as_stored(dtype, tiny_inputs, tmp_path, capsys):
+    """Item 10: a bf16/fp16 checkpoint is held in float32, but eval, info and compress's 'before' give
+    its bits per weight as stored (16); the compressed side counts what lmpress holds and saves."""
+    import json
+
+    from test_cli import _tok
+    from tiny import tiny_model
+
+    from lmpress.cli import main
+    from lmpress.counts import param_counts
+    from lmpress.io import load_model
+    from lmpress.recipe import RunContext, apply, make_config
+
+    half = tmp_path / "half"
+    tiny_model("llama").to(getattr(torch, dtype)).save_pretrained(half)
+    _tok(tmp_path).save_pretrained(half)
+    assert main(["eval", str(half), *_ev(tiny_inputs), "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["linear_bits_per_weight"] == 16 and e["disk_bytes"] == (half / "model.safetensors").stat().st_size
+    capsys.readouterr()
+    assert main(["info", str(half), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["dtype"], info["dtype_in_memory"], info["linear_bits_per_weight"]) == (dtype, "float32", 16)
+    rtn = ["--method", "rtn", "--bits", "4", "--group-size", "32"]
+    for src, name in ((half, "h"), (tiny_inputs / "model", "f")):
+        assert main(["compress", str(src), *_ev(tiny_inputs), *rtn, "-o", str(tmp_path / name),
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+    h, f = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "hf")
+    assert (h["before"]["linear_bits_per_weight"], f["before"]["linear_bits_per_weight"]) == (16, 32)
+    assert h["before"]["disk_bytes"] == e["disk_bytes"] < f["before"]["disk_bytes"]
+    assert h["after"]["linear_bits_per_weight"] == f["after"]["linear_bits_per_weight"] == 5  # 4 bits + fp16 scale / 32
+    # once a method changes the loaded model, its tensors count as held (and saved): as the fp32 model's
+    models = [load_model(p, tokenizer=False)[0] for p in (half, tiny_inputs / "model")]
+    for m in models:
+        apply(m, make_config("svd", ratio=0.5), RunContext(progress=False))
+    assert param_counts(models[0]) == param_counts(models[1])
+
+
+def test_outputs_follow_the_umask(tiny_inputs, tmp_path, capsys):
+    """Item 10: the output folder, every file in it and the --json report get the modes the umask
+    allows (tempfile and safetensors make 0700 folders and 0600 files whatever the umask)."""
+    import os
+    import stat
+
+    from lmpress.cli import main
+
+    old = os.umask(0o027)
+    try:
+        assert main(["compress", str(tiny_inputs / "model"), *_ev(tiny_inputs), "--method", "rtn", "--bits", "4",
+                     "-o", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "out", *(tmp_path / "out").iterdir(), tmp_path / "r.json"]
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    assert modes == {p.name: oct(0o750 if p.is_dir() else 0o640) for p in paths}
+
+
+def test_context_past_a_rotary_models_trained_positions_warns(tiny_inputs, tmp_path, capsys):
+    """Item 10: a rotary model runs past its trained context (256 here), with a warning."""
+    from lmpress.cli import main
+
+    args = [{"16": "300", "64": "400"}.get(a, a) for a in _ev(tiny_inputs)]
+    with pytest.warns(UserWarning, match="past the model's trained context of 256"):
+        assert main(["eval", str(tiny_inputs / "model"), *args]) == 0
+
+
+def test_overwrite_never_replaces_the_built_in_model(tiny_inputs, tmp_path, monkeypatch, capsys):
+    """Item 1: the built-in model's cache folder (named, or the default) is an input too; lmpress wrote
+    it, so without this check --overwrite would replace it."""
+    from test_cli import _tok
+    from tiny import tiny_model
+
+    from lmpress.assets import model_cache_dir
+    from lmpress.cli import main
+    from lmpress.io import save_model
+
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
+    builtin = save_model(tiny_model("llama"), model_cache_dir(), tokenizer=_tok(tmp_path))
+    before = _tree(builtin)
+    for model in ([], ["smollm2-135m"]):
+        for out in (builtin, builtin.parent):
+            argv = ["compress", *model, "--data", str(tiny_inputs / "corpus.txt"), "--no-eval", "--method", "rtn",
+                    "--bits", "4", "-o", str(out), "--overwrite"]
+            assert main(argv) == 2 and "is or holds the input" in capsys.readouterr().err
+    assert _tree(builtin) == before
+
+
+def test_two_gptq_runs_write_identical_bytes(tiny_inputs, tmp_path, capsys):
+    """Item 9: the same compression run twice writes the same bytes, file for file (the default format
+    and lmpress's own layout)."""
+    from lmpress.cli import main
+
+    for fmt in ("auto", "lmpress"):
+        digests = []
+        for i in range(2):
+            out = tmp_path / f"{fmt}{i}"
+            args = GPTQ.format(M=tiny_inputs / "model", D=tiny_inputs / "corpus.txt", O=out).split()
+            assert main([*args, "--format", fmt]) == 0
+            digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()})
+        assert digests[0] == digests[1] and "model.safetensors" in digests[0]

@@ -108,7 +108,7 @@ def test_model_file_must_be_gguf(tmp_path):
         io.load_model(f)
 
 
-@pytest.mark.parametrize("fmt", ["lmpress", "hf"])
+@pytest.mark.parametrize("fmt", ["lmpress", "hf", "compressed-tensors"])
 def test_saves_are_byte_reproducible(tmp_path, fmt):
     """Two saves of one model give identical files (a multi-key safetensors header came out in a
     different key order from save to save)."""
@@ -117,10 +117,10 @@ def test_saves_are_byte_reproducible(tmp_path, fmt):
     from lmpress.recipe import RunContext, apply, make_config
 
     model = tiny_model("llama")
-    if fmt == "lmpress":
+    if fmt != "hf":
         apply(model, make_config("rtn", bits=4, group_size=32), RunContext(progress=False))
     digests = set()
-    for i in range(4):
+    for i in range(8):  # safetensors ordered two header keys at random: 8 saves agree by chance 1 time in 128
         out = io.save_model(model, tmp_path / f"m{i}", format=fmt, recipe=[{"method": "rtn"}])
         digests.add(tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())))
     assert len(digests) == 1

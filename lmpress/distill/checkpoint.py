@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import InputError
+from ..io import write_failure
 
 if TYPE_CHECKING:
     from .step import Run
@@ -97,10 +98,18 @@ def save_checkpoint(path: Path, run: Run, optimizer, scheduler, step: int, extra
     ck = {"version": VERSION, "step": step, "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
           "rng": torch.get_rng_state(), "gamma": run.gamma, "world": run.world,
           "config": {k: getattr(run.cfg, k) for k in TRAJECTORY_FIELDS}, **extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ck, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, Ctrl-C, SIGTERM: no temporary file left to fill the disk
+        tmp.unlink(missing_ok=True)
+        reason = write_failure(e, path.parent)
+        if reason:
+            raise InputError(f"could not save checkpoint {path} ({reason}); free space or use another "
+                             "--checkpoint-dir; the last complete checkpoint is kept") from None
+        raise
 
 
 def load_checkpoint(path: Path, run: Run, optimizer, scheduler, ident: dict) -> dict:

@@ -83,12 +83,13 @@ def run(args) -> None:
     from ..api import compress
     from ..cli import check_json_dest
     from ..data import DataConfig
-    from ..io import check_output, load_model, save_model
+    from ..io import check_output, load_model, model_input_path, save_model
     from .engine import dist_setup, finish_fake_quant_
 
     cfg = config_from_args(args)
-    check_output(args.output, overwrite=args.overwrite, inputs=[args.teacher, args.student, args.data])
-    check_json_dest(args.json)
+    inputs = [model_input_path(args.teacher), model_input_path(args.student) if args.student else None, args.data]
+    check_output(args.output, overwrite=args.overwrite, inputs=inputs)
+    check_json_dest(args.json, inputs)
     rank, world = dist_setup()
     kw = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     teacher, tok = load_model(args.teacher, **kw)

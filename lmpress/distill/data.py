@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
+from ..io import write_failure
 from ..progress import bar
 
 TAIL_FLOOR = 1e-6
@@ -209,8 +210,11 @@ def cache_teacher_topk(teacher, windows: Tensor, out, *, k: int = 64, temperatur
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(e, out.parent)
+        if reason:
+            raise InputError(f"could not write the top-k cache {out} ({reason}); free space or use another --topk-cache") from None
         raise
     return out
 
