@@ -6,8 +6,8 @@ weights come from DRAM as in real decode. Each format is timed as the min over -
 the formats are interleaved inside each pass so that drift hits them alike. The memory-bandwidth
 bound is measured in the same run (sum over a large fp32 tensor).
 
-    python bench/kernels.py                 # the table in the lmpress README
-    python bench/kernels.py --rows 1 2 4 8 16 32   # also: fused kernel vs dequantize + matmul
+    python bench/qgemv_speed.py                 # the table in the lmpress README
+    python bench/qgemv_speed.py --rows 1 2 4 8 16 32   # also: fused kernel vs dequantize + matmul
 """
 
 from __future__ import annotations

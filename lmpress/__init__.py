@@ -7,6 +7,8 @@ Importing ``lmpress`` is cheap: the API below is loaded on first use.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from .recipe import METHODS as _methods  # a plain table: importing it is cheap
 
@@ -43,3 +45,21 @@ def __getattr__(name: str):
     if name in _CONFIGS:
         return getattr(importlib.import_module(_CONFIGS[name]), name)
     raise AttributeError(f"module 'lmpress' has no attribute {name!r}")
+
+
+_SHADOWED = {"evaluate", "distill"}  # API functions named like a submodule (lmpress/evaluate.py, lmpress/distill/)
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``lmpress.evaluate`` sets the package attribute ``evaluate`` to that
+    module, so ``lmpress.evaluate(model, tok)`` would work or fail depending on what was imported
+    before. The API names in :data:`_SHADOWED` are looked up first: ``lmpress.evaluate`` is always the
+    function (the submodule stays ``sys.modules["lmpress.evaluate"]`` and ``from lmpress.evaluate import ...``)."""
+
+    def __getattribute__(self, name: str):
+        if name in _SHADOWED:
+            return __getattr__(name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package

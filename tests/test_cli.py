@@ -8,6 +8,17 @@ def test_import_is_cheap_and_silent():
     assert out.stdout.strip() == "[]" and out.stderr == ""
 
 
+def test_api_functions_named_like_submodules_stay_functions():
+    """Importing lmpress.evaluate (the module) or lmpress.distill (the package) must not turn the API
+    functions lmpress.evaluate / lmpress.distill into modules (README: lmpress.evaluate(model, tok))."""
+    code = ("import lmpress, lmpress.api, lmpress.evaluate, lmpress.distill.engine, inspect; "
+            "from lmpress.evaluate import perplexity; "
+            "print(inspect.isfunction(lmpress.evaluate), inspect.isfunction(lmpress.distill), "
+            "lmpress.evaluate.__module__, lmpress.distill.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "lmpress.api", "lmpress.distill.engine"]
+
+
 def test_cli_error_is_one_line_not_a_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lmpress.cli", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert res.returncode == 2
