@@ -131,6 +131,22 @@ class InputStats:
         """The kept rows (≤ rows, in), float32."""
         return torch.cat(self._rows)[: self.keep]
 
+    def sum_over_ranks(self) -> None:
+        """Under torch.distributed: replace the sums and the row count by their totals over all ranks
+        (reduced to rank 0 and broadcast, so every rank holds the same bits). Each rank's sum is
+        over its own rows, so the total differs from one process's running sum only in the order of
+        the float32 additions: by at most about ``(batches) * 2**-24 * Σ|x_i x_j|`` per entry."""
+        import torch.distributed as dist
+
+        if self.keep:
+            raise InputError("a sample of calibration rows (AWQ's scale search) is not gathered across processes; "
+                             "run this method in one process")
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        for t in [self.sums[k] for k in sorted(self.sums)] + [n]:
+            dist.reduce(t, dst=0)
+            dist.broadcast(t, src=0)
+        self.n = int(n.item())
+
     def divide_inputs(self, s: Tensor) -> None:
         """The layer's inputs are now ``x / s`` (s (in,) > 0, folded into the op before it, as AWQ
         does): rescale what was summed so far."""
@@ -149,6 +165,9 @@ def collect(bctx, names: list[str], make: Callable[[], InputStats]) -> dict[str,
         rep.update({n: members[0] for n in members})
     accs = {r: make() for r in sorted(set(rep.values()))}
     bctx.collect(accs)
+    if getattr(bctx, "world", 1) > 1:
+        for r in sorted(accs):
+            accs[r].sum_over_ranks()
     return {n: accs[rep[n]] for n in names}
 
 
