@@ -84,9 +84,17 @@ class InverseHessian:
 
 
 def inverse_hessian(H: Tensor, damp: float = 0.01, act_order: bool = False) -> InverseHessian:
-    H, dead = stats.without_dead(H.detach().float())
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.shape[0])
-    U, used = stats.damped_cholesky(H[perm][:, perm], damp, inverse=True, method="GPTQ")
+    H = H.detach().float()
+    dead = torch.diag(H) == 0
+    diag = torch.diag(H).masked_fill(dead, 1)  # stats.without_dead's diagonal
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(H.shape[0])
+
+    def permuted() -> Tensor:  # without_dead(H) in the order perm, made with one (in, in) copy
+        Hp = H[perm[:, None], perm]
+        Hp.diagonal()[dead[perm]] = 1
+        return Hp
+
+    U, used = stats.damped_cholesky(permuted(), damp, inverse=True, method="GPTQ", rebuild=permuted)
     return InverseHessian(U, perm, dead, act_order, used)
 
 
@@ -207,7 +215,7 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
         batches = [[g] for g in groups] if cfg.sequential else [groups]
         for batch in batches:
             st = stats.collect(bctx, [n for g in batch for n in g], lambda: stats.InputStats("xtx", upcast=False))
-            work = [(grids(bctx, g), st[g[0]].hessian) for g in batch]
+            work = [(grids(bctx, g), st[g[0]].take_hessian()) for g in batch]
             work = [(by_spec, H) for by_spec, H in work if by_spec]
             # each group's solve may run on another rank under torch.distributed (cost ~ rows x in^2)
             costs = [sum(arch.linear_weight(bctx.linears[n]).shape[0] for ns in b.values() for n in ns) * H.shape[0] ** 2 for b, H in work]
