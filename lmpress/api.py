@@ -129,6 +129,10 @@ def compress(
 
     if not recipe:
         raise InputError("empty recipe: give --method or --recipe")
+    from .calib import ranks
+
+    if ranks()[0] > 0:  # under torchrun: every rank compresses its share, rank 0 saves and measures
+        out, measure = None, False
     data = data or DataConfig()
     spec = None if hasattr(model, "config") else model
     if out is not None:

@@ -288,12 +288,17 @@ def ranks() -> tuple[int, int]:
 
 
 def rank_share(calib: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's calibration rows: whole batches, dealt out in contiguous runs, so each rank runs
-    the very batches one process would (same products) and only the final sums are added in another
-    order. calib: (n, L)"""
+    """This rank's calibration rows: whole batches, dealt out in contiguous runs as even as can be,
+    so each rank runs the very batches one process would (same products) and only the final sums
+    are added in another order. calib: (n, L)"""
     n_batches = -(-calib.shape[0] // batch_size)
-    per = -(-n_batches // world)
-    return calib[rank * per * batch_size : (rank + 1) * per * batch_size]
+    if n_batches < world:  # the same answer on every rank: all refuse, none waits in a collective
+        from .errors import InputError
+
+        raise InputError(f"{world} processes share the calibration rows in batches of {batch_size}: give at least "
+                         f"{world * batch_size} calibration samples, or fewer processes")
+    lo, hi = rank * n_batches // world, (rank + 1) * n_batches // world
+    return calib[lo * batch_size : hi * batch_size]
 
 
 def walk_blocks(

@@ -246,13 +246,17 @@ def cmd_compress(args) -> None:
     recipe = _recipe_from_args(args)
     data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
                       eval_tokens=args.eval_tokens, seed=args.seed)
+    from .distill.parallel import dist_setup
     from .stream import parse_size
 
+    rank, _ = dist_setup()  # under torchrun: calibration rows and layer solves shared by the processes
     budget = parse_size(args.max_memory) if args.max_memory else None
     _, res = compress(args.model, recipe, data=data, out=args.output, format=args.format, overwrite=args.overwrite,
                       measure=not args.no_eval, measure_speed=not args.no_speed, context=args.context,
                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                       max_memory=budget, stream=args.stream)
+    if rank > 0:
+        return  # rank 0 reports
     for step in res["methods"]:
         print(f"{step['method']}: {step['seconds']:.1f} s")
         sparse = (step.get("info") or {}).get("sparse_layers")
