@@ -52,28 +52,22 @@ ROWS = 4096  # rows converted at a time when a stored dtype differs from float32
 # ---- reading the input shards --------------------------------------------------------------------
 class Shards:
     """The safetensors files of a model folder: which file holds each tensor, and reading a set of
-    tensors as float32 through a memory map opened for that read only (its pages leave the
-    process's resident memory when it closes)."""
+    tensors as float32 with plain reads, a slice of rows at a time (no memory map: the pages of a
+    mapped file would count in the process's resident memory while it stays open)."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
-        index = self.folder / INDEX
-        if index.exists():
-            self.where = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            self.where = {}
-            for f in sorted(self.folder.glob("*.safetensors")):
-                with safe_open(str(f), framework="pt") as h:
-                    self.where.update({k: f.name for k in h.keys()})
+        self.where: dict[str, str] = {}  # tensor name -> file
+        self.headers: dict[str, tuple[dict, int]] = {}  # file -> (header, offset of the data)
+        for f in sorted(self.folder.glob("*.safetensors")):
+            header, base = _header(f)
+            self.headers[f.name] = (header, base)
+            self.where.update({k: f.name for k in header if k != "__metadata__"})
         if not self.where:
             raise InputError(f"{folder} has no safetensors weights to stream; streaming reads safetensors folders")
 
-    def read(self, names: list[str], dtype: torch.dtype = torch.float32, stored: bool = False) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` in ``dtype`` (``stored``: as stored); a clear error for a missing name."""
-        from safetensors import safe_open
-
+    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` converted to ``dtype``; a clear error for a missing name."""
         missing = [n for n in names if n not in self.where]
         if missing:
             raise InputError(f"{self.folder}: the weight files lack {missing[:3]}; streaming reads checkpoints whose "
@@ -83,25 +77,48 @@ class Shards:
         for n in names:
             by_file.setdefault(self.where[n], []).append(n)
         for file, group in sorted(by_file.items()):
-            with safe_open(str(self.folder / file), framework="pt") as h:
+            header, base = self.headers[file]
+            with open(self.folder / file, "rb", buffering=0) as f:
                 for n in group:
-                    out[n] = h.get_tensor(n) if stored else _read_as(h, n, dtype)
+                    out[n] = _read_tensor(f, base, header[n], dtype)
         return out
 
-    def file_bytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in set(self.where.values()))
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read_as(h, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor converted to ``dtype`` a slice of rows at a time (no whole stored copy beside it)."""
-    sl = h.get_slice(name)
-    shape = sl.get_shape()
-    t = h.get_tensor(name) if not shape or shape[0] <= ROWS else None
-    if t is not None:
-        return t.to(dtype)
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data offsets) and where its data starts."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            return json.loads(f.read(n)), 8 + n
+        except ValueError as e:
+            raise InputError(f"{file} is not a readable safetensors file ({e}); it is corrupt, re-save it") from None
+
+
+def _read_tensor(f, base: int, entry: dict, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor in ``dtype`` (floating point; others as stored), read ``ROWS`` rows at a time."""
+    if entry["dtype"] not in DTYPES:
+        raise InputError(f"tensor dtype {entry['dtype']} is not one lmpress streams ({', '.join(DTYPES)})")
+    stored = DTYPES[entry["dtype"]]
+    dtype = dtype if stored.is_floating_point else stored
+    shape, (a, b) = entry["shape"], entry["data_offsets"]
     out = torch.empty(shape, dtype=dtype)
-    for a in range(0, shape[0], ROWS):
-        out[a : a + ROWS] = sl[a : a + ROWS].to(dtype)
+    if out.numel() == 0:
+        return out
+    rows = out.view(shape[0], -1) if shape else out.view(1, 1)  # (rows, row elements)
+    per_row = (b - a) // rows.shape[0]
+    f.seek(base + a)
+    for r in range(0, rows.shape[0], ROWS):
+        k = min(ROWS, rows.shape[0] - r)
+        same = stored == dtype
+        dst = rows[r : r + k] if same else torch.empty((k, rows.shape[1]), dtype=stored)  # contiguous either way
+        if f.readinto(dst.reshape(-1).view(torch.uint8).numpy()) != k * per_row:
+            raise InputError(f"{f.name} is truncated; the download or save did not finish: fetch or save it again")
+        if not same:
+            rows[r : r + k] = dst.to(dtype)
     return out
 
 
@@ -147,6 +164,7 @@ class BlockStream:
         self.prefix = arch.spec_for(model).blocks
         self.blocks = arch.blocks(model)
         self.empty: dict[int, nn.Module] = {}
+        self.seconds: dict[int, float] = {}  # wall time of each block: read, calibrate, compress, write
         self.embed = model.get_input_embeddings()
         self.embed_name = next(n for n, m in model.named_modules() if m is self.embed)
 
@@ -159,6 +177,9 @@ class BlockStream:
         self.embed.weight = nn.Parameter(torch.empty_like(self.embed.weight, device="meta"), requires_grad=False)
 
     def load(self, i: int) -> None:
+        import time
+
+        self.seconds[i] = -time.perf_counter()
         self.empty[i] = copy.deepcopy(self.blocks[i])  # still on the meta device: cheap
         load_into(self.model, self.blocks[i], f"{self.prefix}.{i}.", self.shards)
 
@@ -168,6 +189,9 @@ class BlockStream:
         self.out.write_block(i, self.blocks[i], f"{self.prefix}.{i}.", next_inputs if i + 1 < len(self.blocks) else None)
         self.blocks[i] = self.empty.pop(i)
         _return_freed_memory()
+        import time
+
+        self.seconds[i] += time.perf_counter()
 
     def done(self) -> None:
         """The rest of the model (embedding, final norm, head) in float32, tied as configured."""
@@ -391,7 +415,7 @@ def available_memory() -> int:
 BASELINE = 450 << 20  # a process with torch, transformers, a tokenizer and calibration ids (measured ~0.37 GiB)
 
 
-def memory_plan(folder: Path, model: nn.Module, calib_rows: int, calib_len: int, measure: bool) -> dict:
+def memory_plan(folder: Path, model: nn.Module, calib_rows: int, calib_len: int) -> dict:
     """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights)."""
     per_block = [sum(p.numel() for p in b.parameters()) * 4 for b in arch.blocks(model)]
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
@@ -400,14 +424,15 @@ def memory_plan(folder: Path, model: nn.Module, calib_rows: int, calib_len: int,
     widest = max((arch.linear_weight(m).shape[1] for m in arch.block_linears(arch.blocks(model)[0]).values()), default=0)
     hessians = 2 * widest * widest * 4 + 3 * hidden * hidden * 4  # the widest input's H and its factor, the others
     emb = model.get_input_embeddings().weight.numel() * 4
-    return {"in_memory": BASELINE + total * (2 if measure else 1) + 2 * acts,
+    # in memory: the loaded model and the compressed copy (compress keeps the original), one set of hidden states
+    return {"in_memory": BASELINE + 2 * total + acts,
             "streaming": BASELINE + max(emb + acts, max(per_block) + hessians + acts), "weights_float32": total}
 
 
 def decide(folder: Path, model: nn.Module, data, measure: bool, max_memory: int | None) -> tuple[bool, dict]:
     """Whether to stream: when the in-memory estimate exceeds ``max_memory`` (default: the memory
     available now). Returns ``(stream, plan)``."""
-    plan = memory_plan(folder, model, data.calib_samples, data.calib_len, measure)
+    plan = memory_plan(folder, model, data.calib_samples, data.calib_len)
     budget = max_memory if max_memory is not None else available_memory()
     plan["budget"] = budget
     return plan["in_memory"] > budget, plan
@@ -469,7 +494,7 @@ def compress(folder: Path, recipe: list, tokenizer, calib: torch.Tensor, data, o
     ref = ct._reference(model)
     sink = OutputShards(out, fingerprint(folder, recipe, data, fmt), len(arch.blocks(model)), fmt, ref, metadata)
     finish = _finish_step(cfg)
-    model.lmpress_blocks = BlockStream(model, shards, sink, finish)
+    source = model.lmpress_blocks = BlockStream(model, shards, sink, finish)
     _, fn = rc._entry(cfg.method)
     ctx = rc.RunContext(calib=calib, tokenizer=tokenizer, data=data, progress=progress)
     try:
@@ -478,7 +503,8 @@ def compress(folder: Path, recipe: list, tokenizer, calib: torch.Tensor, data, o
         del model.lmpress_blocks
     info.update(finish.info if finish else {})
     saved = sink.finish(model, tokenizer, skip=f"{arch.spec_for(model).blocks}.")
-    info["streamed"] = {"blocks": sink.n, "resumed_at_block": sink.resumed_at, "format": fmt, "output": str(saved)}
+    info["streamed"] = {"blocks": sink.n, "resumed_at_block": sink.resumed_at, "format": fmt, "output": str(saved),
+                        "block_seconds": [round(source.seconds[i], 3) for i in sorted(source.seconds)]}
     return model, info
 
 
