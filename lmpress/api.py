@@ -139,7 +139,7 @@ def compress(
         check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
     owned = spec is not None or model is None  # loaded here, so ours to change
     if owned and stream is not False:
-        streamed = _maybe_stream(spec, recipe, data, out, format, measure, progress, max_memory, stream,
+        streamed = _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
                                  allow_pickle, trust_remote_code)
         if streamed is not None:
             return streamed
@@ -184,7 +184,7 @@ def compress(
     return student, report
 
 
-def _maybe_stream(spec, recipe, data, out, format, measure, progress, max_memory, stream, allow_pickle, trust_remote_code):
+def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream, allow_pickle, trust_remote_code):
     """``(skeleton, report)`` of a streamed run when ``stream`` or the memory budget asks for one, else None."""
     import json
 
@@ -209,7 +209,7 @@ def _maybe_stream(spec, recipe, data, out, format, measure, progress, max_memory
         if stream:
             raise
         return None  # the in-memory load says what is wrong with the folder
-    go, plan = st.decide(path, skel, data, measure, max_memory)
+    go, plan = st.decide(skel, data, max_memory)
     if not (stream or go):
         return None
     if out is None:

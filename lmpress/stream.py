@@ -415,7 +415,7 @@ def available_memory() -> int:
 BASELINE = 450 << 20  # a process with torch, transformers, a tokenizer and calibration ids (measured ~0.37 GiB)
 
 
-def memory_plan(folder: Path, model: nn.Module, calib_rows: int, calib_len: int) -> dict:
+def memory_plan(model: nn.Module, calib_rows: int, calib_len: int) -> dict:
     """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights)."""
     per_block = [sum(p.numel() for p in b.parameters()) * 4 for b in arch.blocks(model)]
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
@@ -429,10 +429,10 @@ def memory_plan(folder: Path, model: nn.Module, calib_rows: int, calib_len: int)
             "streaming": BASELINE + max(emb + acts, max(per_block) + hessians + acts), "weights_float32": total}
 
 
-def decide(folder: Path, model: nn.Module, data, measure: bool, max_memory: int | None) -> tuple[bool, dict]:
+def decide(model: nn.Module, data, max_memory: int | None) -> tuple[bool, dict]:
     """Whether to stream: when the in-memory estimate exceeds ``max_memory`` (default: the memory
     available now). Returns ``(stream, plan)``."""
-    plan = memory_plan(folder, model, data.calib_samples, data.calib_len)
+    plan = memory_plan(model, data.calib_samples, data.calib_len)
     budget = max_memory if max_memory is not None else available_memory()
     plan["budget"] = budget
     return plan["in_memory"] > budget, plan
