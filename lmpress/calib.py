@@ -89,8 +89,11 @@ class BlockContext:
 
     def runner(self) -> nn.Module:
         """The module the passes run: the block itself, or a copy of its current state in ``dtype``
-        (made afresh each pass, so it always carries the method's latest changes)."""
-        if self.dtype is None:
+        (made afresh each pass, so it always carries the method's latest changes). A block already
+        in ``dtype`` runs itself: a copy would hold the same values (float32 passes of a float32
+        block: 187 MB less per pass for a Qwen2-1.5B block)."""
+        floats = [t for t in list(self.block.parameters()) + list(self.block.buffers()) if t.is_floating_point()]
+        if self.dtype is None or all(t.dtype == self.dtype for t in floats):
             return self.block
         return copy.deepcopy(self.block).to(self.dtype)
 
