@@ -270,3 +270,17 @@ def test_streamed_peak_memory_stays_below_the_weights(big, tmp_path, method):
     assert streamed < weights / 2, (streamed, weights)
     assert in_memory > weights, (in_memory, weights)
     assert _tensors(tmp_path / "o1") == _tensors(tmp_path / "o0")
+
+
+def test_cli_max_memory_streams_and_reports_the_peak(src, tmp_path, capsys):
+    from lmpress.cli import main
+
+    folder, corpus = src
+    code = main(["compress", str(folder), "--data", str(corpus), "--method", "wanda", "--sparsity", "0.5",
+                 "--calib-samples", "6", "--calib-len", "32", "--max-memory", "1MiB", "-o", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0 and "peak memory (RSS)" in out and "streamed block by block" in out and "lmpress eval" in out
+    assert (tmp_path / "o" / "model.safetensors.index.json").exists()
+    code = main(["compress", str(folder), "--data", str(corpus), "--method", "wanda", "--sparsity", "0.5",
+                 "--max-memory", "lots", "-o", str(tmp_path / "p")])
+    assert code == 2 and "--max-memory 'lots'" in capsys.readouterr().err and not (tmp_path / "p").exists()
