@@ -44,6 +44,9 @@ from . import arch
 from .errors import InputError
 
 STREAMED = ("gptq", "wanda", "sparsegpt", "awq")
+WHOLE_MODEL = {"distill": "trains the whole student against the teacher",
+               "prune-width": "ranks channels and heads over all blocks at once",
+               "prune-depth": "scores every block before dropping any"}
 INDEX = "model.safetensors.index.json"
 PROGRESS = "stream-progress.json"
 ROWS = 4096  # rows converted at a time when a stored dtype differs from float32
@@ -446,10 +449,13 @@ def check_streamable(recipe: list) -> None:
         raise InputError(f"a recipe of {len(recipe)} steps needs the whole model in memory, which does not fit the memory "
                          "budget; stream one layer-wise step at a time (gptq, wanda, sparsegpt, awq), or raise --max-memory")
     cfg = recipe[0]
+    if cfg.method in WHOLE_MODEL:
+        raise InputError(f"{cfg.method} needs the whole model in memory at once (it {WHOLE_MODEL[cfg.method]}), and the "
+                         f"model does not fit the memory budget (--max-memory, or the memory available); use a machine "
+                         f"with more memory, or a method streamed block by block ({', '.join(STREAMED)})")
     if cfg.method not in STREAMED:
-        raise InputError(f"{cfg.method} needs the whole model in memory at once, and it does not fit the memory budget "
-                         f"(--max-memory, or the memory available); the methods streamed block by block are "
-                         f"{', '.join(STREAMED)}: use one of them, or a machine with more memory")
+        raise InputError(f"{cfg.method} is not streamed block by block yet, and the model does not fit the memory budget "
+                         f"(--max-memory, or the memory available); the streamed methods are {', '.join(STREAMED)}")
     if getattr(cfg, "allocation", "uniform") != "uniform":
         raise InputError(f"{cfg.method} with allocation={cfg.allocation} measures every block before pruning any (two passes "
                          "over the whole model); streamed, use allocation: uniform, or raise --max-memory")
