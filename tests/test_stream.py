@@ -241,10 +241,10 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "mode": rep["memory"]["
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A model whose weights on disk (150 MB float32, 12 blocks) are far above what streaming may hold."""
+    """A model whose weights on disk (210 MB float32, 32 blocks) are far above what streaming may hold."""
     tmp = tmp_path_factory.mktemp("big")
-    folder = save_model(_model(layers=12, hidden=512, inter=1536, seed=1), tmp / "src", tokenizer=_tok(tmp))
-    warm = save_model(_model(layers=2, hidden=512, inter=1536, seed=2), tmp / "warm", tokenizer=_tok(tmp))
+    folder = save_model(_model(layers=32, hidden=384, inter=1024, seed=1), tmp / "src", tokenizer=_tok(tmp))
+    warm = save_model(_model(layers=2, hidden=384, inter=1024, seed=2), tmp / "warm", tokenizer=_tok(tmp))
     return folder, warm, _corpus(tmp)
 
 
@@ -267,6 +267,7 @@ def test_streamed_peak_memory_stays_below_the_weights(big, tmp_path, method):
     streamed = figures["1"]["peak"] - figures["1"]["base"]
     in_memory = figures["0"]["peak"] - figures["0"]["base"]
     assert figures["1"]["mode"] == "streaming" and figures["0"]["mode"] == "in-memory"
+    print(f"weights {weights:,} B; peak above baseline: streamed {streamed:,} B, in memory {in_memory:,} B")
     assert streamed < weights / 2, (streamed, weights)
     assert in_memory > weights, (in_memory, weights)
     assert _tensors(tmp_path / "o1") == _tensors(tmp_path / "o0")
