@@ -102,6 +102,8 @@ def compress(
     progress: bool = True,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    max_memory: int | None = None,
+    stream: bool | None = None,
 ):
     """Apply ``recipe`` (a list of method configs) to a copy of ``model``, save it to ``out`` (in
     ``format``, see :func:`lmpress.save_model`) and measure the original and the compressed model side
@@ -110,7 +112,12 @@ def compress(
     ``teacher`` (distillation): the model to learn from, by default the original ``model``.
 
     Returns ``(compressed_model, report)`` with ``report = {"methods": [...], "output": path,
-    "before": {...}, "after": {...}}``. The input model is never modified.
+    "before": {...}, "after": {...}, "memory": {...}}``. The input model is never modified.
+
+    ``stream``: compress block by block from the weight files (:mod:`lmpress.stream`; a model folder
+    and ``out`` needed); None (default): stream when the in-memory estimate exceeds ``max_memory``
+    bytes (default: the memory available now). A streamed run returns the model's skeleton (its
+    blocks on the meta device) and measures nothing but the peak memory: ``lmpress eval OUT`` after.
 
     Example::
 
@@ -125,11 +132,20 @@ def compress(
 
     if not recipe:
         raise InputError("empty recipe: give --method or --recipe")
+    from .calib import ranks
+
+    if ranks()[0] > 0:  # under torchrun: every rank compresses its share, rank 0 saves and measures
+        out, measure = None, False
     data = data or DataConfig()
     spec = None if hasattr(model, "config") else model
     owned = spec is not None or model is None  # loaded here, so ours to change
     if out is not None:
         check_output(out, overwrite=overwrite, inputs=[model_input_path(spec) if owned else None, data.corpus])
+    if owned and stream is not False:
+        streamed = _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
+                                 allow_pickle, trust_remote_code)
+        if streamed is not None:
+            return streamed
     before_disk = _disk_bytes(spec) if owned else None  # before anything is written
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -162,12 +178,59 @@ def compress(
         saved = save_model(student, out, tokenizer=tokenizer, format=format, recipe=made + list(recipe), data=data,
                            overwrite=overwrite)
     report = {"methods": steps, "output": str(saved) if saved else None}
+    report["memory"] = {"mode": "in-memory", "peak_rss_bytes": peak_rss_bytes()}
     if measure:
         kw = dict(stream=stream, context=context, measure_speed=measure_speed, progress=progress)
         report["before"] = evaluate(model, tokenizer, **kw)
         report["before"]["disk_bytes"] = before_disk
         report["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
     return student, report
+
+
+def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream, allow_pickle, trust_remote_code):
+    """``(skeleton, report)`` of a streamed run when ``stream`` or the memory budget asks for one, else None."""
+    import json
+
+    from . import formats
+    from . import stream as st
+    from .data import prepare
+    from .errors import InputError
+    from .io import _check_folder, _check_remote_code, _load_tokenizer, _metadata, resolve_model_path
+
+    path = resolve_model_path(spec)
+    if not path.is_file():
+        raw = _check_folder(path, allow_pickle)
+        _check_remote_code(path, raw, trust_remote_code)
+    if path.is_file() or formats.detect(raw) != "hf" or not any(path.glob("*.safetensors")):
+        if stream:
+            raise InputError(f"{path}: streaming reads a Hugging Face safetensors folder; this is a GGUF file, pickle "
+                             "weights or an lmpress output: convert it (lmpress export IN --format hf) or compress it in memory")
+        return None
+    try:
+        skel = st.skeleton(path, trust_remote_code)
+    except (ValueError, KeyError, OSError, InputError):
+        if stream:
+            raise
+        return None  # the in-memory load says what is wrong with the folder
+    go, plan = st.decide(skel, data, max_memory)
+    if not (stream or go):
+        return None
+    if out is None:
+        raise InputError("a streamed compression writes its result block by block: give an output folder (-o)")
+    st.check_streamable(recipe)
+    arch.check_positions(skel, data.calib_len, "--calib-len")
+    tokenizer = _load_tokenizer(path, config=skel.config, trust_remote_code=trust_remote_code)
+    calib, _ = prepare(tokenizer, data, need_calib=True, need_eval=False)
+    t0 = time.perf_counter()
+    model, info = st.compress(path, recipe, tokenizer, calib, data, Path(out), format=format,
+                              metadata=_metadata(recipe, data), progress=progress, trust_remote_code=trust_remote_code)
+    from . import recipe as rc
+
+    steps = [{**rc.to_dict(recipe[0]), "seconds": time.perf_counter() - t0, "info": info}]
+    memory = {"mode": "streaming", "peak_rss_bytes": peak_rss_bytes(), "budget_bytes": plan["budget"],
+              "estimate_in_memory_bytes": plan["in_memory"], "estimate_streaming_bytes": plan["streaming"]}
+    return model, {"methods": steps, "output": info["streamed"]["output"], "memory": memory,
+                   "not_measured": "a streamed run measures no perplexity; run lmpress eval on the output"}
 
 
 def measured_sparsity(model) -> dict[str, float]:

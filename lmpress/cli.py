@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="do not measure before/after")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-' for stdout)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: compress block by block from the weight "
+                   "files (streaming) when the model does not fit it (default: the memory available)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="force streaming (--stream) or in-memory compression (--no-stream)")
     g = p.add_argument_group("method options (each applies to the methods that have it)")
     g.add_argument("--bits", type=int)
     g.add_argument("--group-size", type=int, help="quantization group size (columns per scale); -1 per channel")
@@ -254,9 +258,17 @@ def cmd_compress(args) -> None:
     recipe = _recipe_from_args(args)
     data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
                       eval_tokens=args.eval_tokens, seed=args.seed)
+    from .distill.parallel import dist_setup
+    from .stream import parse_size
+
+    rank, _ = dist_setup()  # under torchrun: calibration rows and layer solves shared by the processes
+    budget = parse_size(args.max_memory) if args.max_memory else None
     _, res = compress(args.model, recipe, data=data, out=args.output, format=args.format, overwrite=args.overwrite,
                       measure=not args.no_eval, measure_speed=not args.no_speed, context=args.context,
-                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                      max_memory=budget, stream=args.stream)
+    if rank > 0:
+        return  # rank 0 reports
     for step in res["methods"]:
         print(f"{step['method']}: {step['seconds']:.1f} s")
         sparse = (step.get("info") or {}).get("sparse_layers")
@@ -270,6 +282,12 @@ def cmd_compress(args) -> None:
                                            "weights to or away from zero)"))
     if res["output"]:
         print(f"saved to {res['output']}")
+    mem = res.get("memory", {})
+    if mem:
+        streamed = f" (streamed block by block, budget {mem['budget_bytes'] / 2**30:.2f} GiB)" if mem["mode"] == "streaming" else ""
+        print(f"peak memory (RSS): {mem['peak_rss_bytes'] / 2**30:.2f} GiB{streamed}")
+    if "not_measured" in res:
+        print(f"note: {res['not_measured']}")
     if "after" in res:
         print(table({"original": res["before"], "compressed": res["after"]}))
     try:

@@ -190,3 +190,14 @@ def test_blocked_gram_equals_the_plain_product(dtype):
     x = torch.randn(300, 70).to(dtype)
     torch.testing.assert_close(gram(x, min_split=16), (x.T @ x).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
     assert torch.equal(gram(x), (x.T @ x).float())
+
+
+@pytest.mark.parametrize("bits, group, sym", [(4, 64, False), (3, -1, True), (2, 128, False)])
+@pytest.mark.parametrize("clip", [True, False])
+def test_gptq_grid_params_by_row_slices_equal_the_whole(bits, group, sym, clip):
+    from lmpress.quant.gptq import _params_by_rows
+    from lmpress.quant.grid import GridSpec, choose_params
+
+    W = torch.randn(300, 256, generator=torch.Generator().manual_seed(0))
+    a, b = _params_by_rows(W, GridSpec(bits, group, sym), clip, rows=77), choose_params(W, GridSpec(bits, group, sym), clip)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

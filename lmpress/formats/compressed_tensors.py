@@ -159,21 +159,34 @@ def write(model: nn.Module, folder: Path, metadata: dict) -> None:
     why = _unsupported(model, ref)
     if why:
         raise InputError(f"cannot write compressed-tensors: {why}")
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    model.config.save_pretrained(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    if quant:
-        order = _actorder(metadata)  # GPTQ's; the head is quantized with RTN
-        actorder = {n: None if m is model.get_output_embeddings() else order for n, m in quant.items()}
-        cfg["quantization_config"] = quantization_config(quant, _float_linears(ref, quant), actorder)
-    cfg["lmpress"] = {**metadata, "format": "compressed-tensors"}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    settings = layer_settings(model, metadata)
+    write_config(model.config, folder, settings, float_linears(ref, settings), metadata)
     state = checkpoint_state(model, ref)
     save_file(dict(sorted(state.items())), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _float_linears(ref: dict[str, nn.Module], quant: dict) -> list[str]:
+def layer_settings(model: nn.Module, metadata: dict, prefix: str = "", head: str | None = None) -> dict[str, dict]:
+    """``{full name: weights arguments}`` of the QuantLinear layers in ``model`` (a whole model, or
+    the block at ``prefix`` of a streamed one: then ``head`` is not in it)."""
+    order = _actorder(metadata)  # GPTQ's; the head is quantized with RTN
+    if hasattr(model, "get_output_embeddings"):
+        head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), head)
+    return {prefix + n: weight_args(m, None if prefix + n == head else order)
+            for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def write_config(config, folder: Path, settings: dict[str, dict], ignore: list[str], metadata: dict) -> None:
+    """``config.json``: the model's config, its ``quantization_config`` and lmpress's metadata."""
+    config.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    if settings:
+        cfg["quantization_config"] = quantization_config(settings, ignore)
+    cfg["lmpress"] = {**metadata, "format": "compressed-tensors"}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def float_linears(ref: dict[str, nn.Module], quant) -> list[str]:
     return sorted(n for n, m in ref.items() if isinstance(m, nn.Linear) and n not in quant)
 
 
@@ -195,11 +208,10 @@ def _symmetric(m: QuantLinear) -> bool:
     return bool((m.zeros == 2 ** (m.bits - 1)).all())
 
 
-def quantization_config(quant: dict[str, QuantLinear], ignore: list[str], actorder: dict[str, str | None]) -> dict:
-    """The ``quantization_config`` of ``config.json``: one group per distinct setting, the largest
-    targeting ``Linear`` and listed last (compressed-tensors tries targets in the groups' order), the
-    others their layers by name."""
-    settings = {n: weight_args(m, actorder[n]) for n, m in quant.items()}
+def quantization_config(settings: dict[str, dict], ignore: list[str]) -> dict:
+    """The ``quantization_config`` of ``config.json`` from each quantized layer's weights arguments
+    (:func:`weight_args`): one group per distinct setting, the largest targeting ``Linear`` and
+    listed last (compressed-tensors tries targets in the groups' order), the others their layers by name."""
     keys = {n: json.dumps(s, sort_keys=True) for n, s in settings.items()}
     counts = Counter(keys.values())
     order = sorted(counts, key=lambda k: (counts[k], k))  # the largest last
@@ -236,27 +248,34 @@ def compressed_tensors_of(m: QuantLinear, scale_dtype: torch.dtype) -> dict[str,
     return out
 
 
-def checkpoint_state(model: nn.Module, ref: dict[str, nn.Module]) -> dict[str, Tensor]:
+def checkpoint_state(model: nn.Module, ref: dict[str, nn.Module], *, prefix: str = "",
+                     scale_dtype: torch.dtype | None = None, skip: str | None = None) -> dict[str, Tensor]:
     """Every tensor transformers loads, by checkpoint name: quantized layers in the format's tensors,
-    sparse layers dense, the rest as they are; a tied tensor once (under its first name)."""
-    emb = model.get_input_embeddings().weight.dtype
-    scale_dtype = emb if emb in EXACT_SCALE_DTYPES else torch.float32
+    sparse layers dense, the rest as they are; a tied tensor once (under its first name).
+    ``model`` may be one block of a streamed model, named from ``prefix``; ``skip``: leave out the
+    tensors under this prefix (a streamed model's blocks, written already). ``scale_dtype``: the
+    scales' dtype (default: the embedding's where it holds fp16 exactly, else float32)."""
+    if scale_dtype is None:
+        emb = model.get_input_embeddings().weight.dtype
+        scale_dtype = emb if emb in EXACT_SCALE_DTYPES else torch.float32
     special = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, SparseLinear))}
     state, seen = {}, set()
     for k, v in model.state_dict().items():
         owner = k.rpartition(".")[0]
-        if owner in special and not k.endswith(".bias"):
+        if owner in special and not k.endswith(".bias") or skip and k.startswith(skip):
             continue
         if v.data_ptr() in seen and v.numel():
             continue  # tied to a tensor already written
         seen.add(v.data_ptr())
-        state[k] = v.detach().contiguous()
+        state[prefix + k] = v.detach().contiguous()
     for name, m in special.items():
+        if skip and name.startswith(skip):
+            continue
         if isinstance(m, QuantLinear):
-            state.update({f"{name}.{k}": v for k, v in compressed_tensors_of(m, scale_dtype).items()})
+            state.update({f"{prefix}{name}.{k}": v for k, v in compressed_tensors_of(m, scale_dtype).items()})
         else:
             W = m.dense_weight().to(m.values.dtype)  # (out, in), exact zeros
-            state[f"{name}.weight"] = W.T.contiguous() if arch.is_conv1d(ref.get(name)) else W
+            state[f"{prefix}{name}.weight"] = W.T.contiguous() if arch.is_conv1d(ref.get(prefix + name)) else W
     return state
 
 

@@ -31,17 +31,19 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def dense_state(model: nn.Module, *, ref: dict[str, nn.Module] | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
     """The state dict a plain load expects: each sparse layer's dense weight (exact zeros) in the
-    original layer's layout (GPT-2's ``Conv1D`` stores it transposed)."""
+    original layer's layout (GPT-2's ``Conv1D`` stores it transposed). ``model`` may be one block of
+    a streamed model, named from ``prefix``, with ``ref`` the modules of the whole model's skeleton."""
     sparse = {n: m for n, m in model.named_modules() if getattr(m, "kind", None) == "sparse"}
-    skel = arch.skeleton(model) if sparse else None
-    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in sparse}
+    if sparse and ref is None:
+        ref = dict(arch.skeleton(model).named_modules())
+    state = {prefix + k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in sparse}
     for name, m in sparse.items():
         w = m.dense_weight().detach()
-        state[f"{name}.weight"] = w.t().contiguous() if arch.is_conv1d(skel.get_submodule(name)) else w
+        state[f"{prefix}{name}.weight"] = w.t().contiguous() if arch.is_conv1d(ref[prefix + name]) else w
         if m.bias is not None:
-            state[f"{name}.bias"] = m.bias.detach()
+            state[f"{prefix}{name}.bias"] = m.bias.detach()
     return state
 
 

@@ -165,8 +165,8 @@ def sparsify_(model: nn.Module, *, pattern: str | None = None, dtype=None, min_s
     masks.check_sparsity(min_sparsity)
     swapped = {}
     for name, lin in arch.compressible_linears(model).items():
-        if not arch.is_dense_linear(lin):
-            continue  # already compressed (sparse, quantized, factorized)
+        if not arch.is_dense_linear(lin) or lin.weight.is_meta:
+            continue  # already compressed (sparse, quantized, factorized), or a streamed block not loaded
         W = arch.linear_weight(lin).detach()
         sparsity = (W == 0).float().mean().item()
         if sparsity < min_sparsity or sparsity == 0:
