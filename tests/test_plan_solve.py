@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("scipy")
 
-from lmpress.plan.solve import brute_force, solve, total
+from lmpress.planner.solve import brute_force, solve, total
 
 
 def _instance(rng, groups, cands):
