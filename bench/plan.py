@@ -76,7 +76,7 @@ def run(args) -> None:
 
     model, tok = load_model()
     data = DataConfig(calib_samples=args.calib, calib_len=512, eval_tokens=4096)
-    cfg = PlanConfig(holdout_rows=args.holdout, holdout_len=512, fisher_rows=2, kl_rows=2, kl_len=256,
+    cfg = PlanConfig(holdout_rows=args.holdout, holdout_len=512, fisher_rows=2, kl_rows=1, kl_len=128,
                      recipes=args.recipes, cache_dir=args.cache)
     calib, stream = prepare(tok, data)
     res = Results(args.json, "rows", fresh=args.fresh)
@@ -116,7 +116,7 @@ def report(rows: dict, args) -> str:
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
              f"(perplexity {first['original_ppl']:.3f}). Sensitivities: held-out calibration slice of {args.holdout} x 512 "
              "tokens (after the GPTQ rows) for the measured recipes, its first 2 x 512 for the fisher estimator, "
-             "2 x 256 for the kl estimator. Other agents' jobs shared the 2 cores during the run: times are noisy.", "",
+             "1 x 128 for the kl estimator. Other agents' jobs shared the 2 cores during the run: times are noisy.", "",
              md_table(["recipe", "bits/weight (block linears)", "KL", "perplexity", "top-1", "KL / best uniform"],
                       _rows(rows)), ""]
     lines += ["Sensitivity estimators (Spearman rank correlation of the predicted with the measured round-to-nearest "
@@ -145,8 +145,9 @@ def _rows(rows: dict) -> list:
         uni = next((u for kk, u in rows.items() if kk.startswith("uniform") and u.get("target") == tgt), None)
         if uni is not None:
             ref = v["kl"] / uni["kl"]
-        if k.startswith("plan at the Q4"):
+        if k.startswith("plan at the Q4") and "Q4_K_M rule" in rows:
             ref = None
+            k = k + f" (KL / rule's: {v['kl'] / rows['Q4_K_M rule']['kl']:.2f}x)"
         out.append([k, f"{v['bits']:.4f}", f"{v['kl']:.5f}", f"{v['perplexity']:.3f}", f"{v['top1']:.4f}",
                     "-" if ref is None else f"{ref:.2f}x"])
     return out
@@ -155,7 +156,7 @@ def _rows(rows: dict) -> list:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calib", type=int, default=32, help="GPTQ calibration rows of 512 tokens (default 32)")
-    ap.add_argument("--holdout", type=int, default=8, help="held-out rows of 512 tokens (default 8)")
+    ap.add_argument("--holdout", type=int, default=4, help="held-out rows of 512 tokens (default 4)")
     ap.add_argument("--recipes", type=int, default=12, help="random mixed recipes measured (default 12)")
     ap.add_argument("--targets", type=float, nargs="+", default=[4.5, 3.5])
     ap.add_argument("--no-q4km", dest="q4km", action="store_false")

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     corpus.write_text("\n\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 200, (60,), generator=g))
                                   for _ in range(300)))
     data = DataConfig(corpus=str(corpus), calib_samples=4, calib_len=32, eval_tokens=256)
-    cfg = PlanConfig(bits=(2, 4, 8), group_sizes=(32, -1), holdout_rows=4, holdout_len=32, fisher_rows=2, kl_rows=2,
+    cfg = PlanConfig(bits=(2, 4, 8), group_sizes=(32, -1), holdout_rows=2, holdout_len=32, fisher_rows=1, kl_rows=1,
                      kl_len=32, recipes=4, cache_dir=str(tmp / "cache"))
     return tmp, src, data, cfg
 
@@ -154,7 +154,7 @@ def test_cli_plan(setup, capsys):
     tmp, src, data, cfg = setup
     argv = ["plan", str(src), "--target", "bits=4", "--data", data.corpus, "--eval-tokens", "256", "--context", "32",
             "--calib-samples", "4", "--calib-len", "32", "-o", str(tmp / "cli"),
-            "--set", "bits=[2,4,8]", "--set", "group_sizes=[32,-1]", "--set", "holdout_rows=4", "--set", "holdout_len=32",
+            "--set", "bits=[2,4,8]", "--set", "group_sizes=[32,-1]", "--set", "holdout_rows=2", "--set", "fisher_rows=1", "--set", "kl_rows=1", "--set", "holdout_len=32",
             "--set", "kl_len=32", "--set", "recipes=4", "--set", f"cache_dir={tmp / 'cache'}"]
     assert main(argv) == 0
     assert "met: bits=4" in capsys.readouterr().out

@@ -108,11 +108,11 @@ class PlanConfig:
     bits: tuple = BITS
     group_sizes: tuple = (32, 64, -1)
     head_bits: tuple = (4, 8)
-    holdout_rows: int = 8
+    holdout_rows: int = 4
     holdout_len: int = 512
     fisher_rows: int = 2
-    kl_rows: int = 2
-    kl_len: int = 256
+    kl_rows: int = 1
+    kl_len: int = 128
     estimator: str = "auto"
     recipes: int = 12
     rounds: int = 3

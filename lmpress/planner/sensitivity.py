@@ -149,13 +149,11 @@ def fisher_scores(model, groups: list[Group], ids: torch.Tensor, sym: bool = Fal
     layer_cands = {n: g for g in groups for n in g.layers}
     acc = {n: torch.zeros(len(g.candidates), dtype=torch.float64) for n, g in layer_cands.items()}
     xs: dict[str, torch.Tensor] = {}
-    dws: dict[str, list] = {}
 
-    def deltas(name):  # (Q(W) - W) of each candidate, computed once
-        if name not in dws:
-            w = arch.linear_weight(model.get_submodule(name)).detach().float()
-            dws[name] = [None if c.bits is None else rtn_weight(w, c.spec(sym)) - w for c in layer_cands[name].candidates]
-        return dws[name]
+    def deltas(name):  # (Q(W) - W) of each candidate, made when needed (all of them at once would not fit)
+        w = arch.linear_weight(model.get_submodule(name)).detach().float()
+        for c in layer_cands[name].candidates:
+            yield None if c.bits is None else rtn_weight(w, c.spec(sym)) - w
 
     def fwd(name):
         def hook(_m, args, _out):
