@@ -128,7 +128,8 @@ def figures(res: dict) -> dict[str, str]:
         return row["bits"] if bits_axis else row["bytes"] / 1e6
     rec = res["recipes"]
     uni = [r for r in rec if r["name"].startswith("uniform")]
-    mix = [r for r in rec if not r["name"].startswith("uniform")]
+    mix = [r for r in rec if r["name"].startswith("mixed")]
+    rule = [r for r in rec if r["name"].startswith("Q4_K_M")]
     numel = 8 * res["rounds"][-1]["linear_bytes"] / res["rounds"][-1]["bits"] / 8
     front = [((c * 8 / numel) if bits_axis else (c + res["fixed_bytes"]) / 1e6, s) for c, s in res["front"]]
     series = [
@@ -136,6 +137,8 @@ def figures(res: dict) -> dict[str, str]:
         {"label": "uniform, RTN (measured)", "points": [(x_of(r), r["kl"]) for r in uni], "color": "#d73027",
          "labels": {x_of(r): r["name"].split()[1] for r in uni}},
         {"label": "mixed, RTN (measured)", "points": [(x_of(r), r["kl"]) for r in mix], "color": "#fdae61"},
+        {"label": "Q4_K_M rule, RTN (measured)", "points": [(x_of(r), r["kl"]) for r in rule], "color": "#7b3294",
+         "size": 4},
         {"label": "chosen, GPTQ (eval text)", "points": [(x_of(r), r["kl"]) for r in res["rounds"]], "color": "#000",
          "size": 5},
     ]
@@ -177,7 +180,8 @@ def markdown(res: dict) -> str:
              "## Measured recipes (candidates of the front)", "",
              _table(["recipe", "bits/weight", "MB", "measured KL (RTN)", *[f"predicted ({e})" for e in res["estimators"]]],
                     [[r["name"], f"{r['bits']:.3f}", f"{r['bytes'] / 1e6:.2f}", f"{r['kl']:.5f}",
-                      *[f"{r[f'predicted_{e}']:.5f}" for e in res["estimators"]]] for r in res["recipes"]]), "",
+                      *[f"{r[f'estimate_{e}']:.5f}" if f"estimate_{e}" in r else "-" for e in res["estimators"]]]
+                     for r in res["recipes"]]), "",
              "## Chosen allocation", "",
              _table(["group", "choice", "predicted KL"],
                     [[g["name"], last["choice"][g["name"]],

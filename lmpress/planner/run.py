@@ -23,9 +23,9 @@ import torch
 from ..data import DataConfig
 from ..errors import InputError
 from . import solve as sv
-from .candidates import Group, fixed_bytes, grid_candidates, layer_groups
+from .candidates import Candidate, Group, fixed_bytes, grid_candidates, layer_groups, quant_bytes
 from .config import PlanConfig, parse_budget, parse_target
-from .sensitivity import fisher_scores, kl_scores, recipe_kl, reference
+from .sensitivity import fisher_scores, group_specs, kl_scores, recipe_kl, reference
 
 VERSION = 1  # of the cached measurements
 
@@ -94,7 +94,28 @@ def sample_recipes(groups: list[Group], n: int, seed: int) -> list[dict]:
     for r in range(n):
         mix = rng.sample(labels, min(len(labels), rng.choice((2, 3))))
         out.append({"name": f"mixed {r}", "choice": {g.name: pick(g, rng.choice(mix)) for g in blocks}})
-    return out
+    rule = q4km_rule(groups)
+    return out + ([{"name": "Q4_K_M rule", "layers": rule}] if rule else [])
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's rule (llama-quant.cpp): the first and last eighth of the layers and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4km_rule(groups: list[Group]) -> dict | None:
+    """llama.cpp's Q4_K_M allocation on lmpress's grid: w4g64 (Q4_K's 4.5 bits), v_proj and down_proj at
+    8 bits per channel (the grid has no 6 bits) in :func:`use_more_bits` layers; the head stays float.
+    Layer name -> (bits, group_size); None when the model has no v_proj / down_proj or 64 does not fit."""
+    blocks = [g for g in groups if g.block is not None]
+    n = 1 + max(g.block for g in blocks)
+    names = [x for g in blocks for x in g.layers]
+    if not any(x.endswith("v_proj") for x in names) or not any(x.endswith("down_proj") for x in names):
+        return None
+    if any(i % 64 for g in blocks for _, i in g.shapes):
+        return None
+    return {x: (8, -1) if use_more_bits(g.block, n) and x.endswith(("v_proj", "down_proj")) else (4, 64)
+            for g in blocks for x in g.layers}
 
 
 def measure(model, groups: list[Group], holdout: torch.Tensor, cfg: PlanConfig, cache: Cache,
@@ -127,7 +148,9 @@ def measure(model, groups: list[Group], holdout: torch.Tensor, cfg: PlanConfig, 
         t0 = time.perf_counter()
         ref = reference(model, holdout)
         for r in bar(todo, desc="recipes", enabled=progress):
-            recs.append({**r, "kl": recipe_kl(model, groups, r["choice"], ref, cfg.sym)})
+            specs = group_specs(groups, r["choice"], cfg.sym) if "choice" in r else \
+                {n: Candidate(*c).spec(cfg.sym) for n, c in r["layers"].items()}
+            recs.append({**r, "kl": recipe_kl(model, specs, ref)})
             t["recipes"] = t.get("recipes", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             cache.save()
@@ -156,7 +179,7 @@ def spearman(a, b) -> float:
 def assess(groups: list[Group], measured: dict) -> dict:
     """For each estimator: the predicted KL of every measured recipe (sum of its groups' scores), the
     rank correlation with the measured KL, the least-squares scale to KL units; and the one to use."""
-    recs = measured["recipes"]
+    recs = [r for r in measured["recipes"] if "choice" in r]
     out = {}
     for est in ("fisher", "kl"):
         if est not in measured:
@@ -206,6 +229,26 @@ def summary(groups, pred, choice, fixed: int) -> dict:
     return {"predicted_kl": sv.total(pred, choice), "bytes": fixed + sv.total([g.bytes for g in groups], choice),
             "linear_bytes": lin, "bits": 8 * lin / sum(groups[i].numel for i in blocks),
             "choice": {g.name: g.candidates[i].label for g, i in zip(groups, choice)}}
+
+
+def recipe_rows(model, groups, pred, fixed: int, recipes: list[dict], quality: dict) -> list[dict]:
+    """The measured recipes with their sizes and each estimator's (scaled) prediction."""
+    rows, i = [], 0
+    shapes = {n: (s, g) for g in groups for n, s in zip(g.layers, g.shapes)}
+    for x in recipes:
+        row = {"name": x["name"], "kl": x["kl"]}
+        if "choice" in x:
+            row.update({f"estimate_{e}": q["predicted"][i] for e, q in quality["estimators"].items()})
+            row.update(summary(groups, pred, [x["choice"].get(g.name, 0) for g in groups], fixed))
+            i += 1
+        else:  # a per-layer rule: its bytes from the layers' shapes (head float)
+            lin = sum(quant_bytes(*shapes[n][0], Candidate(*c), float_size=4,
+                                  bias=getattr(model.get_submodule(n), "bias", None) is not None)
+                      for n, c in x["layers"].items())
+            row.update(linear_bytes=lin, bits=8 * lin / sum(g.numel for g in groups if g.block is not None),
+                       bytes=fixed + lin + sum(g.bytes[0] for g in groups if g.block is None))
+        rows.append(row)
+    return rows
 
 
 def nearest(groups, pred, target, fixed: int, kl_limit) -> str:
@@ -306,9 +349,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
         "budget": str(budget) if budget else None, "target": str(target) if target else None,
         "met": rounds[-1]["met"], "estimator": est,
         "estimators": {e: {k: v for k, v in q.items() if k != "predicted"} for e, q in quality["estimators"].items()},
-        "recipes": [{"name": x["name"], "kl": x["kl"], **{f"predicted_{e}": q["predicted"][i]
-                     for e, q in quality["estimators"].items()},
-                     **summary(groups, pred, [x["choice"].get(g.name, 0) for g in groups], fixed)} for i, x in enumerate(measured["recipes"])],
+        "recipes": recipe_rows(model, groups, pred, fixed, measured["recipes"], quality),
         "rounds": rounds, "recipe": [rc.to_dict(c) for c in recipe], "original": base, "fixed_bytes": fixed,
         "seconds": {"plan": plan_seconds, "solve": solve_seconds, "measure": measured.get("seconds", {}),
                     "cached": cache.hit}, "cache": str(cache.path),

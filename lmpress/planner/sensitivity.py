@@ -35,21 +35,24 @@ def rtn_weight(w: torch.Tensor, spec) -> torch.Tensor:
     return fake_quantize(w, s, z, spec)
 
 
+def group_specs(groups: list[Group], choice: dict[str, int], sym: bool = False) -> dict:
+    """Layer name -> grid of each layer of the groups in ``choice`` (group name -> candidate index)."""
+    return {n: g.candidates[choice[g.name]].spec(sym) for g in groups if g.name in choice for n in g.layers}
+
+
 @contextmanager
-def switched(model, groups: list[Group], choice: dict[str, int], sym: bool = False):
-    """``model`` with each group in ``choice`` (group name -> candidate index) round-to-nearest on
-    its candidate's grid; every weight is restored on exit."""
+def switched(model, specs: dict):
+    """``model`` with each layer in ``specs`` (name -> GridSpec, None: float) round-to-nearest on its
+    grid; every weight is restored on exit."""
     saved = {}
     try:
-        for g in groups:
-            spec = g.candidates[choice[g.name]].spec(sym) if g.name in choice else None
+        for name, spec in specs.items():
             if spec is None:
                 continue
-            for name in g.layers:
-                m = model.get_submodule(name)
-                w = arch.linear_weight(m).detach()
-                saved[name] = w.clone()
-                arch.set_linear_weight(m, rtn_weight(w.float(), spec).to(w.dtype))
+            m = model.get_submodule(name)
+            w = arch.linear_weight(m).detach()
+            saved[name] = w.clone()
+            arch.set_linear_weight(m, rtn_weight(w.float(), spec).to(w.dtype))
         yield model
     finally:
         for name, w in saved.items():
@@ -129,14 +132,14 @@ def kl_scores(model, group: Group, ref: Reference, sym: bool = False) -> list[fl
         if c.bits is None:
             out.append(0.0)
             continue
-        with switched(model, [group], {group.name: ci}, sym):
+        with switched(model, group_specs([group], {group.name: ci}, sym)):
             out.append(kl_from(model, ref, start))
     return out
 
 
-def recipe_kl(model, groups: list[Group], choice: dict[str, int], ref: Reference, sym: bool = False) -> float:
-    """Measured KL of the whole recipe ``choice`` (every group switched at once, round-to-nearest)."""
-    with switched(model, groups, choice, sym):
+def recipe_kl(model, specs: dict, ref: Reference) -> float:
+    """Measured KL of a whole recipe (layer name -> grid, every layer switched at once, round-to-nearest)."""
+    with switched(model, specs):
         return kl_from(model, ref, 0)
 
 
