@@ -160,3 +160,20 @@ def test_cli_plan(setup, capsys):
     assert "met: bits=4" in capsys.readouterr().out
     assert main(["plan", str(src), "--budget", "kl=-2", "-o", str(tmp / "bad")]) == 2
     assert "bad budget" in capsys.readouterr().err
+
+
+def test_interrupted_measurement_resumes_where_it_stopped(setup):
+    from lmpress.planner.run import Cache, cache_key, holdout_ids, measure
+
+    tmp, src, data, cfg = setup
+    _plan(setup, "first", target="bits=4")  # fills the cache (or finds it filled)
+    model, tok = load_model(src)
+    groups = layer_groups(model, grid_candidates(cfg.bits, cfg.group_sizes), cfg.head_bits)
+    cache = Cache(cfg, cache_key(model, holdout_ids(tok, data, cfg), groups, cfg))
+    full = json.loads(json.dumps(cache.data))
+    gone = list(cache.data["kl"])[-3:]
+    for g in gone:  # as if killed three groups before the end of the kl estimator and before the recipes
+        del cache.data["kl"][g]
+    del cache.data["recipes"][2:]
+    measure(model, groups, holdout_ids(tok, data, cfg), cfg, cache, progress=False)
+    assert cache.data["kl"] == full["kl"] and [r["kl"] for r in cache.data["recipes"]] == [r["kl"] for r in full["recipes"]]

@@ -299,6 +299,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
         raise InputError("give a budget (--budget kl=0.05 or ppl=+5%), a target (--target bits=4.5 or size=100MB), or both")
     cfg, data = config or PlanConfig(), data or DataConfig()
     spec = None if hasattr(model, "config") else model
+    model_spec = str(spec) if spec is not None else (None if model is not None else "smollm2-135m")
     if out is not None:
         check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
     if spec is not None or model is None:
@@ -360,7 +361,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
                     "predicted_kl": pred[i]} for i, g in enumerate(groups)],
         "front": [(c, s) for c, s, _ in sv.front(pred, costs(groups, target, fixed)[0] if target else
                                                  [list(g.bytes) for g in groups], points=16)],
-        "front_cost": target.kind if target else "size",
+        "front_cost": target.kind if target else "size", "model_spec": model_spec,
     }
     if out is not None:
         from .report import write_outputs
