@@ -118,7 +118,18 @@ def report(rows: dict, args) -> str:
              "tokens (after the GPTQ rows) for the measured recipes, its first 2 x 512 for the fisher estimator, "
              "1 x 128 for the kl estimator. Other agents' jobs shared the 2 cores during the run: times are noisy.", "",
              md_table(["recipe", "bits/weight (block linears)", "KL", "perplexity", "top-1", "KL / best uniform"],
-                      _rows(rows)), ""]
+                      _rows(rows)), "",
+              "Caveat: the default model's weights were published as Q4_1 (4 bits, groups of 32, scale and minimum), so "
+              "asymmetric w4g32 (5.0 stored bits per weight here: fp16 scale and zero per 32 weights) reproduces them "
+              "exactly. An allocation free to mix w4g32 in gets a lossless option that ordinary weights do not offer; "
+              "the uniform and rule rows above do not use it. Choices of the plan, by setting: see the per-row counts below.", ""]
+    for k, v in rows.items():
+        if "choice" in v:
+            from collections import Counter
+
+            cnt = Counter(v["choice"].values())
+            lines.append(f"- {k}: " + ", ".join(f"{lab} x{n}" for lab, n in cnt.most_common()))
+    lines.append("")
     lines += ["Sensitivity estimators (Spearman rank correlation of the predicted with the measured round-to-nearest "
               f"KL of {len(first['uniform'])} uniform and {args.recipes} random mixed recipes on the held-out slice):", "",
               md_table(["estimator", "Spearman", "used"],
