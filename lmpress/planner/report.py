@@ -101,7 +101,7 @@ def heatmap(groups: list[dict], choice: dict[str, str]) -> str:
     kinds = list(dict.fromkeys(g["kind"] for g in groups if g["block"] is not None))
     nb = 1 + max(g["block"] for g in groups if g["block"] is not None)
     cw, ch = max(18, min(40, 900 // nb)), 22
-    w, h = 90 + cw * nb, 40 + ch * len(kinds) + 40
+    w, h = max(640, 100 + cw * nb), 40 + ch * len(kinds) + 40
     o = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='9'>"]
     for r, k in enumerate(kinds):
         o.append(f"<text x='84' y='{40 + ch * r + 15}' text-anchor='end' font-size='11'>{k}</text>")
