@@ -80,6 +80,8 @@ def run(args) -> None:
                      recipes=args.recipes, cache_dir=args.cache)
     calib, stream = prepare(tok, data)
     res = Results(args.json, "rows", fresh=args.fresh)
+    if args.write:  # the section follows every finished row, so a stopped run still shows what it measured
+        res.on_record = lambda: write_section("plan", report(res.rows, args))
     tmp = Path(tempfile.mkdtemp(prefix="lmpress-plan-"))
     for t in args.targets:
         name = f"plan bits={t}"
@@ -108,6 +110,8 @@ def run(args) -> None:
 
 def report(rows: dict, args) -> str:
     plans = {k: v for k, v in rows.items() if k.startswith("plan")}
+    if not plans:
+        return "## Plan\n\n(no row measured yet)"
     first = next(iter(plans.values()))
     lines = ["## Plan: mixed allocation vs uniform and the Q4_K_M rule", "",
              f"`flock /tmp/lmpress-heavy.lock python bench/plan.py --calib {args.calib} --holdout {args.holdout} "
@@ -136,7 +140,7 @@ def report(rows: dict, args) -> str:
                        [[e, f"{q['spearman']:.3f}", "yes" if e == first["estimator"] else ""]
                         for e, q in first["estimators"].items()]), ""]
     ms = first["measure_seconds"]
-    gptq = [v["seconds"] for k, v in rows.items() if k.startswith("uniform")]
+    gptq = [v["seconds"] for k, v in rows.items() if k.startswith("uniform")] or [float("nan")]
     cached = [v["plan_seconds"] for v in plans.values() if v["cached"]]
     lines += [f"Time: first plan {first['plan_seconds']:.0f} s before confirmation (fisher {ms.get('fisher', 0):.0f} s, "
               f"kl estimator {ms.get('kl', 0):.0f} s, measured recipes {ms.get('recipes', 0):.0f} s); one GPTQ run "
