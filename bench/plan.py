@@ -67,6 +67,16 @@ def plan_row(model, tok, target, data, cfg, out, progress) -> dict:
             "choice": last["choice"], "original_ppl": res["original"]["perplexity"]}
 
 
+def _time_left(args) -> bool:
+    """False once ``--stop-at HH:MM`` (local time) has passed: no new row starts after it."""
+    if not args.stop_at:
+        return True
+    import datetime
+
+    now = datetime.datetime.now()
+    return now.strftime("%H:%M") < args.stop_at
+
+
 def run(args) -> None:
     torch.set_num_threads(2)
     from lmpress import recipe as rc
@@ -85,24 +95,26 @@ def run(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lmpress-plan-"))
     for t in args.targets:
         name = f"plan bits={t}"
+        if not _time_left(args):
+            break
         if res.wanted(name):
             res.record(name, plan_row(model, tok, f"bits={t}", data, cfg, tmp / f"p{t}", args.progress))
         uni = [u for u in res.rows[name]["uniform"] if u["bits"] <= t + 1e-9]
         best = min(uni, key=lambda u: u["kl"])
         label = best["name"].split()[1]
         name = f"uniform {label} (best at bits<={t})"
-        if res.wanted(name):
+        if res.wanted(name) and _time_left(args):
             m = re.fullmatch(r"w(\d)(pc|g(\d+))", label)
             r = rc.make_config("gptq", bits=int(m.group(1)), group_size=-1 if m.group(2) == "pc" else int(m.group(3)))
             res.record(name, {**gptq_row(model, tok, r, calib, stream, data, args.progress), "target": t})
-    if args.q4km:
+    if args.q4km and _time_left(args):
         name = "Q4_K_M rule"
         if res.wanted(name):
             r = rc.make_config("gptq", bits=4, group_size=64, overrides=q4km_overrides(len(model.model.layers)))
             res.record(name, gptq_row(model, tok, r, calib, stream, data, args.progress))
         bits = res.rows[name]["bits"]
         name = f"plan at the Q4_K_M rule's bits ({bits:.4f})"
-        if res.wanted(name):
+        if res.wanted(name) and _time_left(args):
             res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, cfg, tmp / "pq", args.progress))
     if args.write:
         write_section("plan", report(res.rows, args))
@@ -180,6 +192,7 @@ def main():
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--no-write", dest="write", action="store_false")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--stop-at", default=None, metavar="HH:MM", help="start no new row after this local time")
     run(ap.parse_args())
 
 
