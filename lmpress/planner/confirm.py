@@ -43,7 +43,3 @@ def recipe_for(groups: list[Group], choice, *, sym: bool = False, method: str = 
         fields["group_size"] = BASE_GROUP_SIZE
     return [rc.make_config(method, **fields)]
 
-
-def layer_specs(cfg, names) -> dict:
-    """The grid each named layer gets under a quant config (None: kept float): to check a recipe."""
-    return {n: cfg.layer_grid(n) for n in names}
