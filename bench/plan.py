@@ -67,13 +67,14 @@ def plan_row(model, tok, target, data, cfg, out, progress) -> dict:
             "choice": last["choice"], "original_ppl": res["original"]["perplexity"]}
 
 
-def _time_left(args) -> bool:
-    """False once ``--stop-at HH:MM`` (local time) has passed: no new row starts after it."""
+def _time_left(args, minutes: float = 0) -> bool:
+    """False when ``--stop-at HH:MM`` (local time) comes within ``minutes``: no new row starts then
+    (the first plan, which measures the sensitivities, asks for 12 minutes)."""
     if not args.stop_at:
         return True
     import datetime
 
-    now = datetime.datetime.now()
+    now = datetime.datetime.now() + datetime.timedelta(minutes=minutes)
     return now.strftime("%H:%M") < args.stop_at
 
 
@@ -95,7 +96,7 @@ def run(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lmpress-plan-"))
     for t in args.targets:
         name = f"plan bits={t}"
-        if not _time_left(args):
+        if not _time_left(args, 12 if t == args.targets[0] else 0):
             break
         if res.wanted(name):
             res.record(name, plan_row(model, tok, f"bits={t}", data, cfg, tmp / f"p{t}", args.progress))
