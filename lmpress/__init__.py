@@ -26,6 +26,8 @@ _API = {
     "factorize_": "lmpress.api",
     "export": "lmpress.io",
     "distill": "lmpress.distill.engine",
+    "plan": "lmpress.planner.run",
+    "PlanConfig": "lmpress.planner.config",
     "DataConfig": "lmpress.data",
     "prepare": "lmpress.data",
     "walk_blocks": "lmpress.calib",

@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=float, help="low-rank: fraction of linear parameters kept")
     g.add_argument("--rank", type=int, help="low-rank: one rank for all layers")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field (YAML value)")
+    p = sub.add_parser("plan", help="the most accurate model within a size target and/or the smallest within an accuracy budget")
+    _add_model(p)
+    _add_data(p)
+    _add_output(p)
+    p.add_argument("--budget", help="accuracy budget: kl=0.05 (mean KL to the original, nats/token) or ppl=+5%% / ppl=+0.5")
+    p.add_argument("--target", help="size target: bits=4.5 (stored bits per weight of the block linears) or size=100MB")
+    p.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration rows (default 128)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration row (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--estimator", default="auto", help="sensitivity: auto (measure fisher and kl, use the better), fisher, kl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any PlanConfig field (YAML value), e.g. holdout_rows=8, recipes=12, rounds=3, cache_dir=DIR")
     p = sub.add_parser("export", help="convert a model or an lmpress output to another format")
     _add_model(p, default=False)
     _add_output(p)
@@ -308,6 +320,43 @@ def _sparsity_summary(sparse: dict[str, float], what: str = "stored sparse") -> 
     return "\n".join(lines)
 
 
+def cmd_plan(args) -> None:
+    import dataclasses
+
+    from .data import DataConfig
+    from .errors import InputError
+    from .planner.config import PlanConfig, parse_budget, parse_target
+    from .planner.run import plan
+
+    if args.budget is None and args.target is None:
+        raise InputError("give --budget (kl=0.05, ppl=+5%), --target (bits=4.5, size=100MB), or both")
+    budget = parse_budget(args.budget) if args.budget is not None else None  # checked before any work
+    target = parse_target(args.target) if args.target is not None else None
+    fields = set_fields(args.set)
+    known = {f.name for f in dataclasses.fields(PlanConfig)}
+    if set(fields) - known:
+        raise InputError(f"plan has no option(s) {', '.join(sorted(set(fields) - known))}; its options: {', '.join(sorted(known))}")
+    cfg = PlanConfig(estimator=args.estimator, **fields)
+    data = DataConfig(corpus=args.data, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                      eval_tokens=args.eval_tokens, seed=args.seed)
+    res = plan(args.model, budget=budget, target=target, out=args.output, data=data, config=cfg, format=args.format,
+               overwrite=args.overwrite, context=args.context)
+    last = res["rounds"][-1]
+    for e, q in res["estimators"].items():
+        print(f"estimator {e}: Spearman {q['spearman']:.3f} against {len(res['recipes'])} measured recipes"
+              + (" (used)" if e == res["estimator"] else ""))
+    for r in res["rounds"]:
+        print(f"round {r['round']}: predicted KL {r['predicted_kl']:.5f}, measured KL {r['kl']:.5f}, perplexity "
+              f"{r['perplexity']:.3f}, {r['bits']:.3f} bits/weight, {r['tensor_bytes']:,} bytes, met: {r['met']}")
+    print(("met" if res["met"] else "NOT met") + f": {' and '.join(x for x in (res['budget'], res['target']) if x)}; "
+          f"original perplexity {res['original']['perplexity']:.3f}; plan {res['seconds']['plan']:.1f} s "
+          f"(cached measurements: {res['seconds']['cached']})")
+    print(f"saved to {res['output']} (recipe.yaml, report.md, report.html)")
+    if not res["met"]:
+        raise InputError(f"the confirmed model misses {res['budget']} after {len(res['rounds'])} rounds (last KL "
+                         f"{last['kl']:.5f}); it is saved with the report; loosen the budget or raise --set rounds=")
+
+
 def cmd_export(args) -> None:
     from .io import export
 
@@ -323,7 +372,7 @@ def cmd_distill(args) -> None:
 
 
 COMMANDS = {"eval": cmd_eval, "info": cmd_info, "fetch": cmd_fetch, "compress": cmd_compress, "distill": cmd_distill,
-            "export": cmd_export}
+            "export": cmd_export, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:
