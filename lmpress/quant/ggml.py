@@ -267,7 +267,7 @@ def quantize(w: Tensor, gtype: str, *, reference: bool = False) -> BlockQuant:
 # ``m``; integer sub-block scales and mins) before its codes and its error are computed, so the error
 # compared is that of the grid the file will hold.
 
-SEARCH = tuple(i / 10 for i in range(-9, 10))  # shifts of the extreme weight's level (llama.cpp's 0.1 * is)
+SEARCH = tuple(i / 20 for i in range(-18, 19, 3))  # shifts of the extreme weight's level (llama.cpp: 0.1 * is, |is| <= 9)
 
 
 def _nearest_index(y: Tensor, t: BlockType) -> Tensor:
@@ -275,14 +275,19 @@ def _nearest_index(y: Tensor, t: BlockType) -> Tensor:
     low = int(levels(t)[0])
     if t.kind != "nl":
         return torch.round(y).clamp_(low, low + t.maxq).sub_(low).long()
-    lv = levels(t)
-    y = y.clamp(low, float(lv[-1]))
-    j = _NL_BELOW[(y.floor() - low).long()]  # the highest level <= y (the levels are integers)
-    j1 = (j + 1).clamp_(max=t.maxq)
-    return torch.where(y - lv[j] <= lv[j1] - y, j, j1)
+    return _NL_CODE[_nl_cell(y)]
 
 
-_NL_BELOW = torch.tensor([sum(v <= k for v in IQ4_NL_LEVELS) - 1 for k in range(IQ4_NL_LEVELS[0], IQ4_NL_LEVELS[-1] + 1)])
+def _nl_cell(y: Tensor) -> Tensor:
+    """IQ4_NL's levels are integers, so the midpoints between them are multiples of 1/2: the nearest
+    level is constant on each half-unit cell [k/2, (k+1)/2), looked up in a table."""
+    lo, hi = IQ4_NL_LEVELS[0], IQ4_NL_LEVELS[-1]
+    return y.clamp(lo, hi).sub_(lo).mul_(2).floor_().long()
+
+
+_NL_CODE = torch.tensor([min(range(16), key=lambda i: (abs(IQ4_NL_LEVELS[i] - (IQ4_NL_LEVELS[0] + k / 2 + 0.25)), i))
+                         for k in range(2 * (IQ4_NL_LEVELS[-1] - IQ4_NL_LEVELS[0]) + 1)])
+_NL_VALUE = torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)[_NL_CODE]
 
 
 def _nearest_level(y: Tensor, t: BlockType) -> Tensor:
@@ -290,7 +295,7 @@ def _nearest_level(y: Tensor, t: BlockType) -> Tensor:
     if t.kind != "nl":
         low = -(2 ** (t.bits - 1)) if t.kind == "sym" else 0
         return torch.round(y).clamp_(low, low + t.maxq)
-    return levels(t)[_nearest_index(y, t)]
+    return _NL_VALUE[_nl_cell(y)]
 
 
 def _level_values(x: Tensor, S: Tensor, M: Tensor | None, t: BlockType) -> Tensor:
@@ -326,7 +331,7 @@ def _fit_scale(x: Tensor, wt: Tensor, t: BlockType, stored: bool) -> tuple[Tenso
         s0 = mx / (lv[0] + shift)
         l = _level_values(x, s0, None, t)
         s_ls = (wt * x * l).sum(-1, keepdim=True) / (wt * l * l).sum(-1, keepdim=True).clamp_min(1e-30)
-        for s in (s0, s_ls):
+        for s in ((s0, s_ls) if shift == 0 else (s_ls,)):  # round-to-nearest's own scale is among them
             s = rnd(torch.where(torch.isfinite(s), s, s0))
             _keep(best, _werr(x, s, None, t, wt), s)
     return best[1], best[0]
@@ -353,7 +358,8 @@ def _fit_scale_min(x: Tensor, wt: Tensor, t: BlockType, stored: bool, zero_in: b
             s = torch.where(m > 0, sqx / sqq.clamp_min(1e-30), s)
             m = m.clamp(max=0)
         ok = torch.isfinite(s) & torch.isfinite(m) & (s > 0)
-        for S, M in ((s0, lo), (torch.where(ok, s, s0), torch.where(ok, m, lo))):
+        cands = ((s0, lo),) if shift == 0 else ()
+        for S, M in cands + ((torch.where(ok, s, s0), torch.where(ok, m, lo)),):
             S, M = rnd(S), rnd(M)
             _keep(best, _werr(x, S, M, t, wt), S, M)
     return best[1], best[2], best[0]
