@@ -204,3 +204,17 @@ def test_export_refuses_another_grid(setup, tmp_path, capsys):
     assert main(["compress", str(tmp_path / "float"), "--method", "gptq", "--bits", "3", "--format", "gguf:Q4_0",
                  "-o", str(tmp_path / "z.gguf"), *common[:-2]]) == 2
     assert "bits=3" in capsys.readouterr().err and not (tmp_path / "z.gguf").exists()
+
+
+def test_embedding_and_head_types_follow_the_rule_or_the_config():
+    from lmpress.quant.gguf_mix import cfg_plan
+    from lmpress.recipe import make_config
+
+    tied, untied = tiny_llama(hidden=256, inter=512), tiny_llama(hidden=256, inter=512, tied=False)
+    assert cfg_plan(tied, make_config("rtn", gguf="Q4_0"), imatrix=False)["token_embd.weight"] == "Q6_K"
+    assert "output.weight" not in cfg_plan(tied, make_config("rtn", gguf="Q4_0"), imatrix=False)
+    p = cfg_plan(untied, make_config("rtn", gguf="Q4_0"), imatrix=False)
+    assert p["token_embd.weight"] == "Q4_0" and p["output.weight"] == "Q6_K"  # llama.cpp: embedding in the type
+    p = cfg_plan(untied, make_config("rtn", gguf="Q4_0", gguf_embed="Q8_0", gguf_output="Q5_0"), imatrix=False)
+    assert p["token_embd.weight"] == "Q8_0" and p["output.weight"] == "Q5_0"
+    assert cfg_plan(tied, make_config("rtn", gguf="Q4_0", gguf_output="Q4_0"), imatrix=False)["token_embd.weight"] == "Q4_0"
