@@ -27,8 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 from common import environment, md_table, write_section  # noqa: E402
+
+# bench/kernels.py would shadow the `kernels` package transformers probes for: bench/ leaves the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 TYPES = ["Q4_0", "IQ4_NL", "Q4_K_M", "Q3_K_M"]
 METHODS = {"rtn": ("rtn", {}), "rtn+search": ("rtn", {"clip_search": True}), "gptq": ("gptq", {}),
