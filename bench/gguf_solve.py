@@ -80,6 +80,30 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(body)
 
 
+def load_results(results: str | None) -> list[dict]:
+    """Finished rows of ``results`` and of its ``.partN`` files (the later copy of a row wins)."""
+    if not results:
+        return []
+    rows: dict[str, dict] = {}
+    for f in [Path(results), *sorted(Path(results).parent.glob(Path(results).name + ".part*"))]:
+        if f.exists():
+            rows.update({r["row"]: r for r in json.loads(f.read_text())})
+    return list(rows.values())
+
+
+def run_jobs(args) -> None:
+    import subprocess
+
+    base = [sys.executable, __file__, "--jobs", "1", "--calib-samples", str(args.calib_samples), "--calib-len",
+            str(args.calib_len), "--eval-tokens", str(args.eval_tokens)]
+    procs = [subprocess.Popen([*base, "--results", f"{args.results}.part{i}", "--only", *args.only[i :: args.jobs]])
+             for i in range(args.jobs)]
+    codes = [p.wait() for p in procs]
+    Path(args.results).write_text(json.dumps(load_results(args.results), indent=1))
+    if any(codes):
+        raise SystemExit(f"a job failed: exit codes {codes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", default=DEFAULT_ROWS, help="rows TYPE:METHOD")
@@ -88,8 +112,19 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section from --results and stop")
+    ap.add_argument("--jobs", type=int, default=2, help="rows measured by this many processes side by side (the "
+                    "GGUF solve runs on one thread), each appending to RESULTS.partN; merged at the end")
     args = ap.parse_args()
-    done = json.loads(Path(args.results).read_text()) if args.results and Path(args.results).exists() else []
+    for row in args.only:  # bad rows fail before any work
+        gtype, _, name = row.partition(":")
+        if name not in METHODS:
+            raise SystemExit(f"row {row!r}: method {name!r} is not one of {', '.join(METHODS)}")
+        from lmpress.quant.gguf_mix import ftype
+
+        ftype(gtype)
+    if args.jobs > 1 and len(args.only) > 1 and args.results and not args.write:
+        return run_jobs(args)
+    done = load_results(args.results)
     if args.write:
         write_section("gguf_solve", "## Methods solved on llama.cpp's grids (bench/gguf_solve.py)\n\n" + table(done, args))
         return
