@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from . import arch
 from .data import DataConfig
@@ -128,7 +129,7 @@ def compress(
     from . import recipe as rc
     from .data import prepare
     from .errors import InputError
-    from .io import check_output, load_model, model_input_path
+    from .io import check_gguf_output, check_output, gguf_format, load_model, model_input_path
 
     if not recipe:
         raise InputError("empty recipe: give --method or --recipe")
@@ -138,10 +139,16 @@ def compress(
         out, measure = None, False
     data = data or DataConfig()
     spec = None if hasattr(model, "config") else model
+    gguf_type, to_gguf = gguf_format(format), format.partition(":")[0] == "gguf"
+    if gguf_type:
+        recipe = [solve_for_gguf(c, gguf_type) for c in recipe]
+    if to_gguf and stream:
+        raise InputError("GGUF output is solved and written in memory; drop --stream (or choose another --format)")
     owned = spec is not None or model is None  # loaded here, so ours to change
     if out is not None:
-        check_output(out, overwrite=overwrite, inputs=[model_input_path(spec) if owned else None, data.corpus])
-    if owned and stream is not False:
+        check = check_gguf_output if to_gguf else check_output
+        check(out, overwrite=overwrite, inputs=[model_input_path(spec) if owned else None, data.corpus])
+    if owned and stream is not False and not to_gguf:
         streamed = _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
                                  allow_pickle, trust_remote_code)
         if streamed is not None:
@@ -149,6 +156,11 @@ def compress(
     before_disk = _disk_bytes(spec) if owned else None  # before anything is written
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if gguf_type and out is not None:  # what the GGUF writer would refuse, refused before the work
+        from .formats.gguf import architecture, tokenizer_pre
+
+        architecture(model)
+        tokenizer_pre(tokenizer)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
     if calib_needed:
         arch.check_positions(model, data.calib_len, "--calib-len")
@@ -231,6 +243,22 @@ def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
               "estimate_in_memory_bytes": plan["in_memory"], "estimate_streaming_bytes": plan["streaming"]}
     return model, {"methods": steps, "output": info["streamed"]["output"], "memory": memory,
                    "not_measured": "a streamed run measures no perplexity; run lmpress eval on the output"}
+
+
+def solve_for_gguf(cfg, gguf_type: str):
+    """``cfg`` set to solve on llama.cpp's grids of ``gguf_type`` (``--format gguf:TYPE``), if it is a
+    quantization config; an error if it already names another GGUF type."""
+    import dataclasses
+
+    from .errors import InputError
+    from .quant import gguf_mix
+
+    if "gguf" not in {f.name for f in dataclasses.fields(cfg)}:
+        return cfg
+    if cfg.gguf is not None and gguf_mix.ftype(cfg.gguf) != gguf_type:
+        raise InputError(f"the recipe's {cfg.method} step solves for gguf={cfg.gguf}, but the output asks gguf:{gguf_type}; "
+                         "make them the same")
+    return dataclasses.replace(cfg, gguf=gguf_type)
 
 
 def measured_sparsity(model) -> dict[str, float]:
