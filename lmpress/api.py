@@ -118,18 +118,27 @@ def compress(
     from . import recipe as rc
     from .data import prepare
     from .errors import InputError
-    from .io import check_output, load_model
+    from .io import check_gguf_output, check_output, gguf_format, load_model
 
     if not recipe:
         raise InputError("empty recipe: give --method or --recipe")
     data = data or DataConfig()
     spec = None if hasattr(model, "config") else model
+    gguf_type = gguf_format(format)
+    if gguf_type:
+        recipe = [solve_for_gguf(c, gguf_type) for c in recipe]
     if out is not None:
-        check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
+        check = check_gguf_output if format.partition(":")[0] == "gguf" else check_output
+        check(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
     owned = spec is not None or model is None  # loaded here, so ours to change
     before_disk = _disk_bytes(spec) if owned else None  # before anything is written
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if gguf_type and out is not None:  # what the GGUF writer would refuse, refused before the work
+        from .formats.gguf import architecture, tokenizer_pre
+
+        architecture(model)
+        tokenizer_pre(tokenizer)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
     if calib_needed:
         arch.check_positions(model, data.calib_len, "--calib-len")
@@ -165,6 +174,22 @@ def compress(
         report["before"]["disk_bytes"] = before_disk
         report["after"] = evaluate(student, tokenizer, reference=model, model_path=saved, **kw)
     return student, report
+
+
+def solve_for_gguf(cfg, gguf_type: str):
+    """``cfg`` set to solve on llama.cpp's grids of ``gguf_type`` (``--format gguf:TYPE``), if it is a
+    quantization config; an error if it already names another GGUF type."""
+    import dataclasses
+
+    from .errors import InputError
+    from .quant import gguf_mix
+
+    if "gguf" not in {f.name for f in dataclasses.fields(cfg)}:
+        return cfg
+    if cfg.gguf is not None and gguf_mix.ftype(cfg.gguf) != gguf_type:
+        raise InputError(f"the recipe's {cfg.method} step solves for gguf={cfg.gguf}, but the output asks gguf:{gguf_type}; "
+                         "make them the same")
+    return dataclasses.replace(cfg, gguf=gguf_type)
 
 
 def measured_sparsity(model) -> dict[str, float]:

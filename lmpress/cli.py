@@ -21,7 +21,9 @@ def _add_data(p):
 
 
 FORMAT_HELP = ("output format: auto (default: a plain Hugging Face folder, else compressed-tensors, else lmpress's own "
-               "layout, whichever first holds the model), hf, compressed-tensors, lmpress")
+               "layout, whichever first holds the model), hf, compressed-tensors, lmpress, or gguf:TYPE (one .gguf file "
+               "for llama.cpp, TYPE a llama-quantize type such as Q4_0, IQ4_NL, Q4_K_M; with compress the method "
+               "solves on that type's grids)")
 
 
 def _add_output(p):

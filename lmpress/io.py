@@ -270,6 +270,8 @@ def save_model(model, out: str | os.PathLike, *, tokenizer=None, format: str = "
     """
     from . import formats
 
+    if format.partition(":")[0] == "gguf":
+        return _save_gguf(model, out, tokenizer, format, _metadata(recipe, data), overwrite)
     out = check_output(out, overwrite=overwrite)
     fmt = formats.choose(model, format)
     metadata = _metadata(recipe, data)
@@ -282,11 +284,57 @@ def save_model(model, out: str | os.PathLike, *, tokenizer=None, format: str = "
     return saved
 
 
+def gguf_format(format: str) -> str | None:
+    """The llama.cpp file type of ``--format gguf:TYPE`` (alias resolved), None for ``gguf`` alone,
+    or a clear error; for any other format, None."""
+    from .quant import gguf_mix
+
+    kind, _, name = format.partition(":")
+    if kind != "gguf":
+        return None
+    return gguf_mix.ftype(name) if name else None
+
+
+def check_gguf_output(out, *, overwrite: bool, inputs=()) -> Path:
+    """:func:`check_output` for a ``.gguf`` file: the name ends in .gguf and its folder exists."""
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
+    if out.suffix.lower() != ".gguf":
+        raise InputError(f"GGUF output is one file: give -o a name ending in .gguf, not {out}")
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
+    return out
+
+
+def _save_gguf(model, out, tokenizer, format: str, metadata: dict, overwrite: bool) -> Path:
+    """Write ``model`` as one GGUF file: layers solved on llama.cpp's grids as they are, float matrices
+    rounded to nearest in the type llama.cpp's rule gives them; refuse what would be re-rounded."""
+    from .formats import gguf as fg
+    from .quant import gguf_mix
+
+    out = check_gguf_output(out, overwrite=overwrite)
+    if tokenizer is None:
+        raise InputError("GGUF output stores the tokenizer: give the model's tokenizer")
+    steps = [s for s in metadata["recipe"] if s.get("gguf")]
+    solved_as = gguf_mix.ftype(steps[-1]["gguf"]) if steps else None
+    name = gguf_format(format) or solved_as
+    if name is None:
+        raise InputError("give the GGUF type: --format gguf:TYPE, e.g. gguf:Q4_K_M")
+    if fg.check_solved(model) and name != solved_as:
+        raise InputError(f"this model was solved on llama.cpp's {solved_as} grids, not {name}: export it with "
+                         f"--format gguf:{solved_as}, or run lmpress compress again with --format gguf:{name}")
+    last = steps[-1] if steps else {}
+    types = gguf_mix.plan(model, name, imatrix=False, embed=last.get("gguf_embed"), output=last.get("gguf_output"))
+    fg.write_gguf(model, tokenizer, out, name, metadata, types=types)
+    return out
+
+
 def export(src, out: str | os.PathLike, *, format: str = "auto", overwrite: bool = False,
            allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Convert a model (an lmpress output or any model :func:`load_model` reads) to ``format``,
     keeping its recipe and data metadata: e.g. an lmpress-layout folder to compressed-tensors."""
-    check_output(out, overwrite=overwrite, inputs=[resolve_model_path(src)])
+    check = check_gguf_output if format.partition(":")[0] == "gguf" else check_output
+    gguf_format(format)
+    check(out, overwrite=overwrite, inputs=[resolve_model_path(src)])
     model, tok = load_model(src, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     info = getattr(model, "lmpress_info", {})
     return save_model(model, out, tokenizer=tok, format=format, recipe=info.get("recipe"), data=info.get("data"),
@@ -312,6 +360,13 @@ def _metadata(recipe, data) -> dict:
 
 def is_lmpress_output(path: Path) -> bool:
     """Whether ``path`` is a folder (or GGUF file) that lmpress wrote, and so may be replaced."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        try:
+            from gguf import GGUFReader
+
+            return "lmpress.metadata" in GGUFReader(path).fields
+        except Exception:  # not a readable GGUF: not ours
+            return False
     if path.is_dir():
         try:
             return "lmpress" in json.loads((path / "config.json").read_text())

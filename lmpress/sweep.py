@@ -52,3 +52,19 @@ def sweep_reference(W1, U1, K1, S1, Z1, Q1, E1, c0, c1, maxq) -> None:
         err = (w - v).div_(d[i])
         W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
         E1[:, i] = err
+
+
+def sweep_levels(W1: Tensor, U1: Tensor, S1: Tensor, M1: Tensor, Q1: Tensor, E1: Tensor, c0: int, c1: int,
+                 nearest, lv: Tensor) -> None:
+    """The sweep of :func:`sweep_columns` on a grid of any levels (llama.cpp's block types): each
+    weight becomes ``S * lv[q] + M`` with ``q = nearest((w - M) / S)`` the code of the nearest level
+    (``nearest``: level units -> int64 codes); S1, M1 (rows, b) each column's sub-block scale and
+    offset (where S is 0 the value is M). Q1 gets the codes. Torch only: no kernel for these grids."""
+    d = torch.diag(U1).tolist()
+    for i in range(c0, c1):
+        w, s, m = W1[:, i], S1[:, i], M1[:, i]
+        q = nearest(torch.where(s == 0, 0.0, (w - m) / torch.where(s == 0, 1.0, s)))
+        Q1[:, i] = q
+        err = (w - (s * lv[q] + m)).div_(d[i])
+        W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+        E1[:, i] = err

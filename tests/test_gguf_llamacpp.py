@@ -105,3 +105,26 @@ def test_cli_eval_engine_llama_cpp(tmp_path, capsys):
     assert abs(theirs["nll"] - ours["nll"]) < 1e-2 and abs(theirs["kl"] - ours["kl"]) < 1e-3
     printed = capsys.readouterr().out
     assert "llama.cpp" in printed and "lmpress (dequantized, PyTorch)" in printed
+
+
+@pytest.mark.parametrize("method,gtype", [("gptq", "Q4_0"), ("gptq", "IQ4_NL"), ("gptq", "Q4_K_M"), ("gptq", "Q3_K_S"),
+                                          ("gptq", "Q2_K"), ("gptq", "Q6_K"), ("awq", "Q5_0")])
+def test_llama_cpp_runs_the_solved_model(tmp_path, method, gtype):
+    """A model solved on llama.cpp's grids (GPTQ's codes, searched scales) runs in llama.cpp as lmpress computes it."""
+    from lmpress.api import apply_
+    from lmpress.recipe import make_config
+
+    model, tok = tiny_llama(hidden=256, inter=512, init=0.02), bpe_tokenizer()
+    text = "the quick brown fox jumps over the lazy dog. a model compressed is a model measured. " * 40
+    ids = torch.tensor(tok.encode(text)[:256]).reshape(4, 64)
+    apply_(model, make_config(method, gguf=gtype), ids, progress=False)
+    path = tmp_path / f"m.{gtype}.gguf"
+    write_gguf(model, tok, path, gtype, {}, pre="default", types={})
+    ids = tok.encode("the quick brown fox jumps over")
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_threads=1, n_ctx=64, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    llm.close()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    assert _kl(ref, got).max() < 1e-4

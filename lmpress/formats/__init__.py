@@ -39,6 +39,8 @@ AUTO_ORDER = ("hf", "compressed-tensors", "lmpress")  # the first that can hold 
 KINDS: dict[str, str] = {
     "linear": "lmpress.formats:PlainLinear",
     "quant": "lmpress.quant.qlinear:QuantLinear",
+    "ggml": "lmpress.quant.qlinear:GGMLLinear",
+    "ggml_embedding": "lmpress.quant.qlinear:GGMLEmbedding",
     "sparse": "lmpress.prune.sparse:SparseLinear",
     "lowrank": "lmpress.lowrank.layers:LowRankLinear",
     "dsformer": "lmpress.lowrank.layers:DenseSparseLinear",

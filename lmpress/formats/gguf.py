@@ -129,6 +129,26 @@ def _vocab(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
+def gguf_names(model: nn.Module) -> dict[str, str]:
+    """``{state-dict name: GGUF tensor name}`` of ``model``'s tensors; a layer solved on a ggml grid
+    (its ``raw`` bytes) is listed as ``<layer>.weight``; the tied head, not stored, is left out."""
+    import gguf
+
+    arch, cfg = architecture(model), model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    out = {}
+    for hf_name in model.state_dict():
+        if hf_name.endswith(".raw"):
+            hf_name = hf_name.removesuffix(".raw") + ".weight"
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings or hf_name in out:
+            continue  # llama.cpp uses token_embd as the output head when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise InputError(f"no GGUF name for tensor {hf_name} of {arch}; GGUF output cannot hold this model")
+        out[hf_name] = name
+    return out
+
+
 def _tensor_types(name: str, shape: tuple[int, ...], gtype: str, embed_type: str) -> str:
     """The ggml type of one GGUF tensor: F32 for vectors, ``embed_type`` for the token embedding and
     output head, ``gtype`` (or llama.cpp's fallback for its row length) for the block linears."""
@@ -138,28 +158,47 @@ def _tensor_types(name: str, shape: tuple[int, ...], gtype: str, embed_type: str
     return ggml.fallback_type(want, shape[-1]) if want in ggml.TYPES else want
 
 
-def gguf_tensors(model: nn.Module, gtype: str, embed_type: str = "Q8_0"):
-    """``(gguf_name, ggml_type, data)`` per tensor, data being the raw bytes (uint8, rows x row bytes) of
-    a block type or a float array; q/k rows already in llama.cpp's order."""
-    import gguf
+SOLVED_KINDS = ("ggml", "ggml_embedding")  # layers that hold ggml bytes: written as they are
 
+
+def solved_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of ``model`` solved on a ggml grid, by name."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "kind", None) in SOLVED_KINDS}
+
+
+def check_solved(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers solved on ggml grids; an error if any other layer is compressed (on lmpress's own
+    grid, sparse, factored): a GGUF file would have to re-round it, which lmpress never does."""
+    solved = solved_layers(model)
+    other = [n for n, m in model.named_modules() if hasattr(m, "kind") and n not in solved]
+    if other:
+        m = model.get_submodule(other[0])
+        raise InputError(f"{other[0]} was compressed on lmpress's own grid ({type(m).__name__}: {m.extra_repr()}); "
+                         "GGUF output never re-rounds solved weights onto another grid: run lmpress compress again "
+                         "with --format gguf:TYPE, so the method solves on llama.cpp's grid itself")
+    return solved
+
+
+def gguf_tensors(model: nn.Module, gtype: str, embed_type: str = "Q8_0", types: dict[str, str] | None = None):
+    """``(gguf_name, ggml_type, data)`` per tensor, data being the raw bytes (uint8, rows x row bytes) of
+    a block type or a float array; q/k rows already in llama.cpp's order. Layers solved on a ggml grid
+    give their own bytes (rows permuted, never re-rounded); float matrices are rounded to nearest on
+    ``types[name]`` when given, else on ``gtype`` (``embed_type`` for the embedding and head)."""
     arch, cfg = architecture(model), model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    compressed = [n for n, m in model.named_modules() if hasattr(m, "kind")]
-    if compressed:
-        raise InputError(f"GGUF output quantizes float linears itself; {compressed[0]} is already compressed "
-                         f"({type(model.get_submodule(compressed[0])).__name__}); give the float model")
-    for hf_name, w in model.state_dict().items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # llama.cpp uses token_embd as the output head when output.weight is absent
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise InputError(f"no GGUF name for tensor {hf_name} of {arch}; GGUF output cannot hold this model")
-        w = w.detach().float().cpu()
+    solved = check_solved(model)
+    sd = model.state_dict()
+    for hf_name, name in gguf_names(model).items():
+        owner = hf_name.rpartition(".")[0]
+        if owner in solved and hf_name.endswith(".weight"):
+            w, t = solved[owner].raw.detach().cpu(), solved[owner].gtype
+        else:
+            w = sd[hf_name].detach().float().cpu()
+            t = (types or {}).get(hf_name) if w.dim() == 2 and types else _tensor_types(name, tuple(w.shape), gtype, embed_type)
         if arch in PERMUTE_QK and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             w = permute_qk(w, cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads)
-        t = _tensor_types(name, tuple(w.shape), gtype, embed_type)
-        if t in ggml.TYPES:
+        if w.dtype == torch.uint8:
+            yield name, t, w.numpy()
+        elif t in ggml.TYPES:
             yield name, t, ggml.encode(ggml.quantize(w, t))
         else:
             yield name, t, w.numpy().astype(np.float16 if t == "F16" else np.float32)
@@ -175,15 +214,17 @@ def _file_type(gtype: str) -> int:
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str, metadata: dict, *,
-               embed_type: str = "Q8_0", pre: str | None = None) -> dict[str, str]:
+               embed_type: str = "Q8_0", pre: str | None = None, types: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``model`` (a float Llama or Qwen2 decoder) and its byte-level BPE ``tokenizer`` to the GGUF
     file ``path``, block linears in ``gtype`` (a block type, or ``F16``/``F32``), embeddings in ``embed_type`` (a block type, ``F16`` or
     ``F32``), ``metadata`` (JSON-able, lmpress's recipe) under ``lmpress.metadata``; ``pre`` overrides
-    the detected pre-tokenizer name. Written to a temporary file that is then renamed, so ``path``
-    never holds half a file. Returns ``{tensor name: ggml type}``."""
+    the detected pre-tokenizer name. ``types`` (``{state-dict name: ggml type}``, e.g. llama.cpp's rule
+    from :func:`lmpress.quant.gguf_mix.plan`) overrides both, ``gtype`` then naming the file type.
+    Layers already solved on a ggml grid are written as they are. Written to a temporary file that is
+    then renamed, so ``path`` never holds half a file. Returns ``{tensor name: ggml type}``."""
     import gguf
 
-    if gtype not in ("F16", "F32"):  # F16 / F32: a float file (what llama.cpp's own quantizer starts from)
+    if types is None and gtype not in ("F16", "F32"):  # F16 / F32: a float file (llama-quantize's input)
         ggml.block_type(gtype)
     if embed_type not in ggml.TYPES and embed_type not in ("F16", "F32"):
         raise InputError(f"embed_type must be a block type ({', '.join(ggml.TYPES)}), F16 or F32, not {embed_type!r}")
@@ -200,10 +241,10 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str,
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _vocab(writer, tokenizer, model.config.vocab_size, pre)
         writer.add_string("lmpress.metadata", json.dumps(metadata, sort_keys=True))
-        types = {}
-        for name, t, data in gguf_tensors(model, gtype, embed_type):
+        written = {}
+        for name, t, data in gguf_tensors(model, gtype, embed_type, types):
             writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t])
-            types[name] = t
+            written[name] = t
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -212,4 +253,4 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return types
+    return written

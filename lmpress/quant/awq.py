@@ -28,7 +28,9 @@ from .. import arch, stats
 from ..errors import InputError
 from .config import QuantConfig
 from .grid import GridSpec, choose_params, dequantize, fake_quantize, grid_params, quantize_codes
-from .qlinear import quantize_head_, replace_linear
+from . import ggml
+from .gguf_mix import cfg_plan
+from .qlinear import GGMLLinear, ggml_embeddings_, quantize_head_, replace_linear
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,9 @@ class AWQConfig(QuantConfig):
     sample_tokens: int = 2048
 
 
-def awq_scale(x_absmean: Tensor, X: Tensor, W: Tensor, spec: GridSpec, grid: int = 20) -> tuple[Tensor, float]:
-    """Best per-input-channel scale ``s`` (in,) for weights W (out, in) given sample inputs X (n, in)."""
+def awq_scale(x_absmean: Tensor, X: Tensor, W: Tensor, spec: GridSpec | str, grid: int = 20) -> tuple[Tensor, float]:
+    """Best per-input-channel scale ``s`` (in,) for weights W (out, in) given sample inputs X (n, in);
+    ``spec``: lmpress's grid, or the name of a llama.cpp block type (its round-to-nearest)."""
     ref = X @ W.T  # (n, out)
     best, best_s, best_a = float("inf"), torch.ones_like(x_absmean), 0.0
     a = x_absmean.clamp_min(1e-8)
@@ -52,11 +55,19 @@ def awq_scale(x_absmean: Tensor, X: Tensor, W: Tensor, spec: GridSpec, grid: int
         s = a**alpha
         s = s / (s.max() * s.min()).sqrt()
         Ws = W * s[None, :]
-        Wq = fake_quantize(Ws, *grid_params(Ws, spec), spec) / s[None, :]
+        Wq = _round_trip(Ws, spec) / s[None, :]
         err = ((X @ Wq.T - ref) ** 2).mean().item()
         if err < best:
             best, best_s, best_a = err, s, alpha
     return best_s, best_a
+
+
+def _round_trip(w: Tensor, spec: GridSpec | str) -> Tensor:
+    if isinstance(spec, str):
+        from . import ggml
+
+        return ggml.dequantize(ggml.quantize(w, spec))
+    return fake_quantize(w, *grid_params(w, spec), spec)
 
 
 def fold_scale(prev: nn.Module, linears: list[nn.Module], s: Tensor) -> None:
@@ -86,6 +97,7 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
     pairs = arch.spec_for(model).scale_pairs
     if not pairs:
         raise InputError(f"AWQ needs the scale pairs of {type(model).__name__}; it is not described in lmpress.arch")
+    plan = cfg_plan(model, cfg, imatrix=True)
     n_tok = ctx.calib.numel()
     stride = max(1, n_tok // cfg.sample_tokens)
     report: dict = {"alphas": {}, "skipped_pairs": []}
@@ -100,7 +112,8 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
                 report["skipped_pairs"].append(f"{bctx.name}.{prev_name}")
                 continue
             W = torch.cat([arch.linear_weight(m).detach().float() for m in mods])
-            spec = cfg.layer_grid(f"{bctx.name}.{names[0]}") or cfg.grid()
+            first = f"{bctx.name}.{names[0]}"
+            spec = plan[first] if plan is not None else cfg.layer_grid(first) or cfg.grid()
             s, alpha = awq_scale(st[names[0]].mean_abs, st[names[0]].sample, W, spec, cfg.n_grid)
             fold_scale(prev, mods, s)
             for acc in {id(st[n]): st[n] for n in names}.values():  # once per input group
@@ -108,10 +121,16 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
             report["alphas"][f"{bctx.name}.{names[0]}"] = alpha
         for n, m in lin.items():
             full = f"{bctx.name}.{n}"
+            w = arch.linear_weight(m).detach().float()
+            if plan is not None:  # llama.cpp's grid, scales searched with the activation energy as importance
+                bq = ggml.fit(w, plan[full], st[n].mean_sq) if cfg.clip_search else ggml.quantize(w, plan[full])
+                arch.set_linear_weight(m, ggml.dequantize(bq))
+                bctx.defer(lambda full=full, bq=bq: arch.set_module(
+                    model, full, GGMLLinear.from_blocks(bq, getattr(model.get_submodule(full), "bias", None))))
+                continue
             spec = cfg.layer_grid(full)
             if spec is None:
                 continue
-            w = arch.linear_weight(m).detach().float()
             s, z = choose_params(w, spec, cfg.clip_search, col_weight=st[n].mean_sq)
             q = quantize_codes(w, s, z, spec)
             arch.set_linear_weight(m, dequantize(q, s, z))
@@ -120,5 +139,7 @@ def awq_(model, cfg: AWQConfig, ctx) -> dict:
     walk_blocks(model, ctx.calib, per_block, progress="awq" if ctx.progress else False)
     if cfg.head_bits:
         quantize_head_(model, GridSpec(cfg.head_bits, cfg.group_size, cfg.sym))
+    if plan is not None:
+        ggml_embeddings_(model, plan)
     report["skipped_pairs"] = len(report["skipped_pairs"])
     return report

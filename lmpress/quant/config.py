@@ -21,6 +21,12 @@ class QuantConfig:
         ``({"pattern": r"down_proj", "bits": 8}, {"pattern": r"layers\\.0\\.", "skip": True})``.
     head_bits: also quantize the output head (untied from the embedding) to this many bits with RTN
         (None: leave it in float). Saves decode time: the head is the largest matrix of small models.
+    gguf: solve on llama.cpp's block grids instead, for a GGUF file (``lmpress compress ...
+        --format gguf:TYPE`` sets it): a llama-quantize type name (Q4_0, IQ4_NL, Q4_K_M, Q3_K_S, ...;
+        Q4_K is Q4_K_M as in llama-quantize), each tensor in the type llama.cpp's rule gives it
+        (:mod:`lmpress.quant.gguf_mix`); bits, group_size, sym and overrides then do not apply.
+    gguf_embed, gguf_output: the type of the token embedding / output head (llama-quantize's
+        --token-embedding-type / --output-tensor-type); None: llama.cpp's rule (Q8_0 or Q6_K).
     """
 
     family: ClassVar[str] = "quant"
@@ -33,6 +39,9 @@ class QuantConfig:
     clip_search: bool = False
     overrides: tuple = ()
     head_bits: int | None = None
+    gguf: str | None = None
+    gguf_embed: str | None = None
+    gguf_output: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "overrides", tuple(dict(o) for o in self.overrides))
@@ -46,6 +55,27 @@ class QuantConfig:
         self.grid()  # validates bits / group size
         if self.head_bits is not None:
             GridSpec(self.head_bits, self.group_size, self.sym)
+        self._check_gguf()
+
+    def _check_gguf(self) -> None:
+        """A GGUF type excludes the options of lmpress's own grid that would contradict it."""
+        from . import ggml, gguf_mix
+
+        if self.gguf is None:
+            if self.gguf_embed or self.gguf_output:
+                raise InputError("gguf_embed / gguf_output need gguf (e.g. --format gguf:Q4_K_M)")
+            return
+        base = ggml.TYPES[gguf_mix.FTYPES[gguf_mix.ftype(self.gguf)]]
+        for f in ("gguf_embed", "gguf_output"):
+            v = getattr(self, f)
+            if v is not None and v not in ggml.TYPES and v not in ("F16", "F32"):
+                raise InputError(f"{f} {v!r} is not a ggml type; choose one of {', '.join(ggml.TYPES)}, F16, F32")
+        clash = [f"bits={self.bits}"] if self.bits not in (4, base.bits) else []
+        clash += [f"group_size={self.group_size}"] if self.group_size not in (64, base.block, base.sub) else []
+        clash += [k for k in ("ternary", "head_bits", "overrides") if getattr(self, k)]
+        if clash:
+            raise InputError(f"gguf={self.gguf} fixes the grid of every tensor, but {', '.join(clash)} asks another; "
+                             f"drop {', '.join(c.split('=')[0] for c in clash)} (or choose another GGUF type)")
 
     def grid(self) -> GridSpec:
         return GridSpec(self.bits, self.group_size, self.sym, self.ternary)

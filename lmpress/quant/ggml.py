@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .grid import fp16_round
+from .grid import FP16_TINY, fp16_round
 
 QK = 32  # weights per block of the legacy types
 QK_K = 256  # weights per super-block of the K types
@@ -133,6 +133,13 @@ class BlockQuant:
         S = self.d[..., None] * self.sc.float()
         M = None if self.mn is None else -(self.m[..., None] * self.mn.float())
         return S[..., None], None if M is None else M[..., None]
+
+
+def split_rows(bq: BlockQuant, rows: list[int]) -> list[BlockQuant]:
+    """``bq`` cut into consecutive row ranges (layers solved together, stacked)."""
+    fields = {k: getattr(bq, k) for k in ("q", "d", "m", "sc", "mn") if getattr(bq, k) is not None}
+    parts = {k: v.split(rows) for k, v in fields.items()}
+    return [BlockQuant(bq.gtype, **{k: v[i] for k, v in parts.items()}) for i in range(len(rows))]
 
 
 def _blocks(w: Tensor, t: BlockType) -> Tensor:
@@ -249,6 +256,193 @@ def quantize(w: Tensor, gtype: str, *, reference: bool = False) -> BlockQuant:
     stored = {"d": fp16_round(d), "m": None if lo is None else fp16_round(lo)}
     grid = {"d": d, "m": lo} if reference else stored
     return BlockQuant(gtype, nearest_codes(w, BlockQuant(gtype, w, **grid)), **stored)
+
+
+# ---- importance-weighted parameter search (the scales a solver keeps) ----
+#
+# llama.cpp's quantizers with an importance matrix (ggml-quants.c: make_qx_quants, make_qkx3_quants,
+# make_qp_quants, the IQ4_NL search) try a few scales per block, refit each by weighted least squares
+# on the codes it gives, and keep the best by the weighted error. :func:`fit` does the same search,
+# vectorised over all blocks, but every candidate is rounded to its stored precision (fp16 ``d``,
+# ``m``; integer sub-block scales and mins) before its codes and its error are computed, so the error
+# compared is that of the grid the file will hold.
+
+SEARCH = tuple(i / 20 for i in range(-18, 19, 3))  # shifts of the extreme weight's level (llama.cpp: 0.1 * is, |is| <= 9)
+
+
+def _nearest_index(y: Tensor, t: BlockType) -> Tensor:
+    """The code (int64) of the level of ``t`` nearest to each ``y`` (in level units)."""
+    low = int(levels(t)[0])
+    if t.kind != "nl":
+        return torch.round(y).clamp_(low, low + t.maxq).sub_(low).long()
+    return _NL_CODE[_nl_cell(y)]
+
+
+def _nl_cell(y: Tensor) -> Tensor:
+    """IQ4_NL's levels are integers, so the midpoints between them are multiples of 1/2: the nearest
+    level is constant on each half-unit cell [k/2, (k+1)/2), looked up in a table."""
+    lo, hi = IQ4_NL_LEVELS[0], IQ4_NL_LEVELS[-1]
+    return y.clamp(lo, hi).sub_(lo).mul_(2).floor_().long()
+
+
+_NL_CODE = torch.tensor([min(range(16), key=lambda i: (abs(IQ4_NL_LEVELS[i] - (IQ4_NL_LEVELS[0] + k / 2 + 0.25)), i))
+                         for k in range(2 * (IQ4_NL_LEVELS[-1] - IQ4_NL_LEVELS[0]) + 1)])
+_NL_VALUE = torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)[_NL_CODE]
+
+
+def _nearest_level(y: Tensor, t: BlockType) -> Tensor:
+    """The value of the level of ``t`` nearest to each ``y`` (level units), float32."""
+    if t.kind != "nl":
+        low = -(2 ** (t.bits - 1)) if t.kind == "sym" else 0
+        return torch.round(y).clamp_(low, low + t.maxq)
+    return _NL_VALUE[_nl_cell(y)]
+
+
+def _level_values(x: Tensor, S: Tensor, M: Tensor | None, t: BlockType) -> Tensor:
+    """Nearest levels of ``x`` with sub-block scale ``S`` and offset ``M`` (broadcast); 0 where S = 0."""
+    y = (x if M is None else x - M) / torch.where(S == 0, 1.0, S)
+    return _nearest_level(torch.where(S == 0, 0.0, y), t)
+
+
+def _werr(x: Tensor, S: Tensor, M: Tensor | None, t: BlockType, wt: Tensor) -> Tensor:
+    """Weighted squared error per sub-block (summed over the last axis) of ``x`` on that grid."""
+    v = S * _level_values(x, S, M, t)
+    return (wt * (x - (v if M is None else v + M)) ** 2).sum(-1)
+
+
+def _keep(best: list, err: Tensor, *params: Tensor) -> None:
+    """Keep, per entry, the candidate ``params`` with the lowest ``err`` (best = [err, *params])."""
+    if not best:
+        best.extend([err, *params])
+        return
+    better = err < best[0]
+    for i, v in enumerate((err, *params)):
+        best[i] = torch.where(better.reshape(better.shape + (1,) * (v.dim() - better.dim())), v, best[i])
+
+
+def _fit_scale(x: Tensor, wt: Tensor, t: BlockType, stored: bool) -> tuple[Tensor, Tensor]:
+    """A symmetric (or IQ4_NL) sub-block scale per row of ``x`` (..., n): the extreme weight put near
+    the lowest level, refit by weighted least squares, (fp16 when ``stored``); returns (S, err)."""
+    lv = levels(t)
+    mx = _signed_absmax(x)[..., None]  # (..., 1)
+    rnd = fp16_round if stored else (lambda v: v)
+    best: list = []
+    for shift in SEARCH:
+        s0 = mx / (lv[0] + shift)
+        l = _level_values(x, s0, None, t)
+        s_ls = (wt * x * l).sum(-1, keepdim=True) / (wt * l * l).sum(-1, keepdim=True).clamp_min(1e-30)
+        for s in ((s0, s_ls) if shift == 0 else (s_ls,)):  # round-to-nearest's own scale is among them
+            s = rnd(torch.where(torch.isfinite(s), s, s0))
+            _keep(best, _werr(x, s, None, t, wt), s)
+    return best[1], best[0]
+
+
+def _fit_scale_min(x: Tensor, wt: Tensor, t: BlockType, stored: bool, zero_in: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale and offset per row of ``x`` (..., n) for ``x = S q + M`` (q = 0..maxq): ranges shrunk
+    and shifted, each refit by weighted least squares on its codes; ``zero_in`` keeps M <= 0 (the K
+    types store ``-dmin * mn``). Returns (S, M, err)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    if zero_in:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    rnd = fp16_round if stored else (lambda v: v)
+    best: list = []
+    for shift in SEARCH:
+        s0 = ((hi - lo) / (t.maxq + shift)).clamp_min(FP16_TINY)
+        q = _level_values(x, s0, lo, t)
+        sw, sq, sx = wt.sum(-1, keepdim=True), (wt * q).sum(-1, keepdim=True), (wt * x).sum(-1, keepdim=True)
+        sqq, sqx = (wt * q * q).sum(-1, keepdim=True), (wt * q * x).sum(-1, keepdim=True)
+        det = sw * sqq - sq * sq
+        s = (sw * sqx - sq * sx) / det
+        m = (sqq * sx - sq * sqx) / det
+        if zero_in:  # the best scale with the offset held at 0
+            s = torch.where(m > 0, sqx / sqq.clamp_min(1e-30), s)
+            m = m.clamp(max=0)
+        ok = torch.isfinite(s) & torch.isfinite(m) & (s > 0)
+        cands = ((s0, lo),) if shift == 0 else ()
+        for S, M in cands + ((torch.where(ok, s, s0), torch.where(ok, m, lo)),):
+            S, M = rnd(S), rnd(M)
+            _keep(best, _werr(x, S, M, t, wt), S, M)
+    return best[1], best[2], best[0]
+
+
+def _int_scales(v: Tensor, d: Tensor, lo: int, hi: int) -> Tensor:
+    return torch.round(v * _inverse(d)[..., None]).clamp(lo, hi)
+
+
+def _fit_super(x: Tensor, wt: Tensor, t: BlockType, S: Tensor, M: Tensor | None) -> dict[str, Tensor]:
+    """A K type's fp16 ``d`` (and ``dmin``) and integer sub-block scales (mins) for super-blocks ``x``
+    (..., n_sub, sub) whose float sub-block scales ``S`` (and offsets ``M``) (..., n_sub) were fit:
+    candidate ``d`` put the largest scale on or just below the top integer, each rounded to fp16, and
+    the one with the least weighted error of the whole super-block, codes recomputed, is kept."""
+    sym = t.kind == "sym"
+    top = 2 ** (t.scale_bits - 1) if sym else 2**t.scale_bits - 1
+    lo, hi = (-top, top - 1) if sym else (0, top)
+    ext = _signed_absmax(S) / -top if sym else S.amax(-1) / top  # (...,)
+    mins = None if M is None else -M  # (..., n_sub) >= 0
+    dmin = None if M is None else fp16_round(mins.amax(-1) / top)
+    mn = None if M is None else _int_scales(mins, dmin, 0, top)
+
+    def err(d, sc, dm, m):
+        Sq = (d[..., None] * sc)[..., None]
+        Mq = None if m is None else -(dm[..., None] * m)[..., None]
+        return _werr(x, Sq, Mq, t, wt).sum(-1)
+
+    best: list = []
+    for shift in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0):
+        d = fp16_round(ext * top / (top - shift)) if top > shift else ext
+        sc = _int_scales(S, d, lo, hi)
+        _keep(best, err(d, sc, dmin, mn), d, sc)
+    d, sc = best[1], best[2]
+    out = {"d": d, "sc": sc.to(torch.int8 if sym else torch.uint8)}
+    if M is not None:
+        best = []
+        for shift in (0.0, 0.5, 1.0, 2.0, 4.0):
+            dm = fp16_round(mins.amax(-1) / (top - shift))
+            m = _int_scales(mins, dm, 0, top)
+            _keep(best, err(d, sc, dm, m), dm, m)
+        out.update(m=best[1], mn=best[2].to(torch.uint8))
+    return out
+
+
+def fit_params(w: Tensor, gtype: str, importance: Tensor | None = None) -> dict[str, Tensor]:
+    """Block parameters of ``w`` (out, in) on ``gtype``, stored precision, from the importance-weighted
+    search (``importance``: (in,) or (out, in) non-negative weights, e.g. diag(H); None: uniform)."""
+    t = block_type(gtype)
+    x = _blocks(w, t)  # (out, B, n_sub, sub)
+    wt = torch.ones_like(x) if importance is None else importance.float().expand(w.shape).reshape(x.shape)
+    wt = wt + 1e-12 * wt.mean()  # a block with no importance at all still gets a finite fit
+    if not t.k_type:
+        if t.kind == "min":
+            S, M, _ = _fit_scale_min(x, wt, t, stored=True, zero_in=False)
+            return {"d": S[..., 0, 0], "m": M[..., 0, 0]}
+        S, _ = _fit_scale(x, wt, t, stored=True)
+        return {"d": S[..., 0, 0]}
+    if t.kind == "min":
+        S, M, _ = _fit_scale_min(x, wt, t, stored=False, zero_in=True)
+        return _fit_super(x, wt, t, S[..., 0], M[..., 0])
+    S, _ = _fit_scale(x, wt, t, stored=False)
+    return _fit_super(x, wt, t, S[..., 0], None)
+
+
+def column_scale_offset(gtype: str, params: dict[str, Tensor], cols: int) -> tuple[Tensor, Tensor]:
+    """Each column's ``S`` and ``M`` (out, cols) float32 (M zero for types without an offset), from
+    block parameters as :func:`fit_params` returns them, computed as :func:`dequantize` computes them."""
+    t = block_type(gtype)
+    d = params["d"]
+    S, M = BlockQuant(gtype, d, **params).scale_offset()  # (out, B, n_sub, 1)
+    shape = (*S.shape[:3], t.sub)
+    return S.expand(shape).reshape(-1, cols), torch.zeros(d.shape[0], cols) if M is None else M.expand(shape).reshape(-1, cols)
+
+
+def nearest_index(y: Tensor, gtype: str) -> Tensor:
+    """The code (int64) of the level of ``gtype`` nearest to each ``y`` (level units)."""
+    return _nearest_index(y, block_type(gtype))
+
+
+def fit(w: Tensor, gtype: str, importance: Tensor | None = None) -> BlockQuant:
+    """``w`` on ``gtype`` with the parameters of :func:`fit_params` and the nearest codes."""
+    p = fit_params(w, gtype, importance)
+    return BlockQuant(gtype, nearest_codes(w, BlockQuant(gtype, w, **p)), **p)
 
 
 # ---- bytes (layouts of ggml-common.h) ----

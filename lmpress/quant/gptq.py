@@ -29,10 +29,11 @@ from torch import Tensor
 from .. import arch, stats
 from ..calib import CALIB_DTYPES, resolve_calib_dtype
 from ..errors import InputError
-from ..sweep import NONE, sweep_columns
+from ..sweep import NONE, sweep_columns, sweep_levels
 from .config import QuantConfig
+from .gguf_mix import cfg_plan
 from .grid import GridSpec, choose_params, dequantize
-from .qlinear import quantize_head_, replace_linear
+from .qlinear import ggml_embeddings_, quantize_head_, replace_linear
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,54 @@ def gptq_solve(W: Tensor, hinv: InverseHessian, spec: GridSpec, *, block_size: i
     return Q[:, inv].to(torch.uint8), s_all, z_all
 
 
+def gptq_solve_ggml(W: Tensor, hinv: InverseHessian, gtype: str, importance: Tensor, *, block_size: int = 128):
+    """GPTQ on one of llama.cpp's block grids (:mod:`lmpress.quant.ggml`): returns a ``BlockQuant``.
+
+    The block parameters (fp16 ``d``/``m``; a K type's super-block ``d``/``dmin`` and integer
+    sub-block scales and mins) come from the importance-weighted search of :func:`ggml.fit_params`
+    (``importance`` (in,), e.g. diag(H)), at their stored precision, before the sweep sees them; the
+    sweep then chooses each code, column by column, with error feedback. With act-order the
+    parameters come from the weights before the sweep (static groups); in natural order each
+    (super-)block's come from its weights as updated when the sweep reaches it."""
+    from . import ggml
+
+    t = ggml.block_type(gtype)
+    W = W.detach().float().clone()
+    out_f, cols = W.shape
+    W[:, hinv.dead] = 0.0
+    importance = importance.float().clamp_min(0)
+    static = hinv.act_order
+    params = ggml.fit_params(W, gtype, importance) if static else {}
+    S_all, M_all = ggml.column_scale_offset(gtype, params, cols) if static else (torch.empty_like(W), torch.zeros_like(W))
+    perm, U = hinv.perm, hinv.U
+    W, S_all, M_all = W[:, perm], S_all[:, perm], M_all[:, perm]
+    Q = torch.empty_like(W)
+    lv = ggml.levels(t)
+    nearest = lambda y: ggml.nearest_index(y, gtype)  # noqa: E731
+    if not static:  # a lazy block holds whole (super-)blocks
+        block_size = max(t.block, block_size // t.block * t.block)
+        parts: dict[str, list] = {}
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2].contiguous()
+        E1, Q1 = torch.zeros_like(W1), torch.empty_like(W1)
+        S1, M1 = S_all[:, i1:i2].contiguous(), M_all[:, i1:i2].contiguous()
+        for c0 in range(0, i2 - i1, (i2 - i1) if static else t.block):
+            c1 = min(c0 + (i2 - i1 if static else t.block), i2 - i1)
+            if not static:  # this block's parameters from its weights as the sweep left them
+                p = ggml.fit_params(W1[:, c0:c1], gtype, importance[i1 + c0 : i1 + c1])
+                for k, v in p.items():
+                    parts.setdefault(k, []).append(v)
+                S1[:, c0:c1], M1[:, c0:c1] = ggml.column_scale_offset(gtype, p, c1 - c0)
+            sweep_levels(W1, U1, S1, M1, Q1, E1, c0, c1, nearest, lv)
+        Q[:, i1:i2] = Q1
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+    if not static:
+        params = {k: torch.cat(v, dim=1) for k, v in parts.items()}
+    q = Q[:, torch.argsort(perm)].to(torch.uint8)
+    return ggml.BlockQuant(gtype, q, **params)
+
+
 def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
     """Quantize every block linear of ``model`` in place with GPTQ on ``ctx.calib``."""
     from ..calib import walk_blocks
@@ -167,8 +216,37 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
         raise InputError("GPTQ needs calibration data")
     errors: dict[str, float] = {}
     raised: dict[str, float] = {}
+    plan = cfg_plan(model, cfg, imatrix=True)
+
+    def record(full, W, Wq, H, hinv):
+        D = Wq - W
+        errors[full] = (((D @ H) * D).sum() / ((W @ H) * W).sum()).item()
+        if hinv.damp > cfg.damp:
+            raised[full] = hinv.damp
+
+    def quantize_group_ggml(bctx, names, H):
+        from . import ggml
+        from .qlinear import GGMLLinear
+
+        by_type: dict[str, list[str]] = {}
+        for n in names:
+            by_type.setdefault(plan[f"{bctx.name}.{n}"], []).append(n)
+        Ws = {n: arch.linear_weight(bctx.linears[n]).detach().float() for n in names}
+        with _sweep_threads(False):
+            hinv = inverse_hessian(H, cfg.damp, cfg.act_order)
+            solved = {t: gptq_solve_ggml(torch.cat([Ws[n] for n in ns]), hinv, t, torch.diag(H), block_size=cfg.block_size)
+                      for t, ns in by_type.items()}
+        for t, ns in by_type.items():
+            for n, bq in zip(ns, ggml.split_rows(solved[t], [Ws[n].shape[0] for n in ns])):
+                full, Wq = f"{bctx.name}.{n}", ggml.dequantize(bq)
+                record(full, Ws[n], Wq, H, hinv)
+                arch.set_linear_weight(bctx.linears[n], Wq)
+                bctx.defer(lambda full=full, bq=bq: arch.set_module(
+                    model, full, GGMLLinear.from_blocks(bq, getattr(model.get_submodule(full), "bias", None))))
 
     def quantize_group(bctx, names, H):
+        if plan is not None:
+            return quantize_group_ggml(bctx, names, H)
         by_spec: dict[GridSpec, list[str]] = {}
         for n in names:
             spec = cfg.layer_grid(f"{bctx.name}.{n}")
@@ -187,13 +265,9 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
             q, s, z = solved[spec]
             rows = [Ws[n].shape[0] for n in ns]
             for n, qi, si, zi in zip(ns, q.split(rows), s.split(rows), z.split(rows)):
-                W = Ws[n]
                 full = f"{bctx.name}.{n}"
                 Wq = dequantize(qi, si, zi)
-                D = Wq - W
-                errors[full] = (((D @ H) * D).sum() / ((W @ H) * W).sum()).item()
-                if hinv.damp > cfg.damp:
-                    raised[full] = hinv.damp
+                record(full, Ws[n], Wq, H, hinv)
                 arch.set_linear_weight(bctx.linears[n], Wq)  # same outputs as the packed layer, faster here
                 bctx.defer(lambda full=full, q=qi, s=si, z=zi, spec=spec: replace_linear(model, full, q, s, z, spec))
 
@@ -209,6 +283,8 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
                 dtype=CALIB_DTYPES[cfg.calib_dtype])
     if cfg.head_bits:
         quantize_head_(model, GridSpec(cfg.head_bits, cfg.group_size, cfg.sym))
+    if plan is not None:
+        ggml_embeddings_(model, plan)
     vals = list(errors.values())
     out = {"layers": len(vals), "relative_output_error_mean": sum(vals) / max(1, len(vals))}
     if raised:  # the Hessian was not positive definite at the configured dampening: say so

@@ -95,3 +95,132 @@ def quantize_head_(model: nn.Module, spec: GridSpec) -> None:
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False
+
+
+def _ggml_values(raw: torch.Tensor, gtype: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight (out, in) that llama.cpp reads from the ggml bytes ``raw`` (out, row bytes)."""
+    import gguf
+
+    if raw.is_meta:
+        return torch.empty(shape, device="meta")
+    w = gguf.quants.dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType[gtype])
+    return torch.from_numpy(w.reshape(shape).astype("float32", copy=False))
+
+
+class GGMLLinear(nn.Module):
+    """A linear layer solved on one of llama.cpp's block grids: its ggml bytes (``raw``, uint8
+    (out, row bytes), exactly what a GGUF file holds) and the type name. It computes with the
+    dequantized weight (cached), which the GGUF writer never re-rounds: it writes ``raw``."""
+
+    kind = "ggml"
+    lmpress_linear = True
+
+    def __init__(self, in_features: int, out_features: int, gtype: str, bias: bool, device=None):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        super().__init__()
+        self.in_features, self.out_features, self.gtype = in_features, out_features, gtype
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[gtype]]
+        self.register_buffer("raw", torch.empty(out_features, in_features // block * size, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    @classmethod
+    def from_blocks(cls, bq, bias=None) -> "GGMLLinear":
+        """From a solved :class:`lmpress.quant.ggml.BlockQuant`."""
+        from . import ggml
+
+        out_f, in_f = bq.q.shape
+        m = cls(in_f, out_f, bq.gtype, bias is not None)
+        m.raw.copy_(torch.from_numpy(ggml.encode(bq)))
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().float())
+        return m
+
+    def dequantized(self) -> torch.Tensor:
+        key = self.raw.data_ptr()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, _ggml_values(self.raw, self.gtype, (self.out_features, self.in_features)))
+        return self._cache[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.float(), self.dequantized().to(x.device), self.bias).to(x.dtype)
+
+    def meta(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "gtype": self.gtype,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, meta: dict) -> "GGMLLinear":
+        return cls(meta["in_features"], meta["out_features"], meta["gtype"], meta["bias"], device="meta")
+
+    def logical_numel(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, gtype={self.gtype}"
+
+
+class GGMLEmbedding(nn.Embedding):
+    """A token embedding on a ggml grid: ``weight`` holds the dequantized values (so a tied output
+    head shares them), ``raw`` the ggml bytes the GGUF writer stores."""
+
+    kind = "ggml_embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, gtype: str, padding_idx=None, device=None):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device)
+        self.gtype = gtype
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[gtype]]
+        self.register_buffer("raw", torch.empty(num_embeddings, embedding_dim // block * size, dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_blocks(cls, bq, padding_idx=None) -> "GGMLEmbedding":
+        from . import ggml
+
+        n, dim = bq.q.shape
+        m = cls(n, dim, bq.gtype, padding_idx)
+        with torch.no_grad():
+            m.raw.copy_(torch.from_numpy(ggml.encode(bq)))
+            m.weight.copy_(_ggml_values(m.raw, bq.gtype, (n, dim)))
+        m.weight.requires_grad_(False)
+        return m
+
+    def meta(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "gtype": self.gtype,
+                "padding_idx": self.padding_idx}
+
+    @classmethod
+    def empty(cls, meta: dict) -> "GGMLEmbedding":
+        return cls(meta["num_embeddings"], meta["embedding_dim"], meta["gtype"], meta["padding_idx"], device="meta")
+
+    def logical_numel(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+
+def ggml_embeddings_(model: nn.Module, types: dict[str, str]) -> None:
+    """Put the token embedding and the output head of ``model`` on ggml grids, ``types`` mapping
+    ``token_embd.weight`` / ``output.weight`` to a type (llama.cpp's round-to-nearest, as its own
+    quantizer stores them); a tied head keeps sharing the embedding's (dequantized) weight."""
+    from .. import arch
+    from . import ggml
+
+    emb = model.get_input_embeddings()
+    names = {m: n for n, m in model.named_modules()}
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
+    t = types.get("token_embd.weight")
+    if t in ggml.TYPES:
+        new = GGMLEmbedding.from_blocks(ggml.quantize(emb.weight.detach().float(), t), emb.padding_idx)
+        arch.set_module(model, names[emb], new)
+        if tied:
+            model.get_output_embeddings().weight = new.weight
+    head = model.get_output_embeddings()
+    t = types.get("output.weight")
+    if not tied and head is not None and t in ggml.TYPES:
+        w = arch.linear_weight(head).detach().float()
+        arch.set_module(model, names[head], GGMLLinear.from_blocks(ggml.quantize(w, t), getattr(head, "bias", None)))

@@ -17,7 +17,9 @@ import torch
 from .. import arch
 from .config import QuantConfig
 from .grid import choose_params, dequantize, quantize_codes
-from .qlinear import quantize_head_, replace_linear
+from . import ggml
+from .gguf_mix import cfg_plan
+from .qlinear import GGMLLinear, ggml_embeddings_, quantize_head_, replace_linear
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,14 @@ def rtn_(model, cfg: RTNConfig, ctx=None) -> dict:
 
     errs = {}
     layers = arch.compressible_linears(model)
+    plan = cfg_plan(model, cfg, imatrix=False)
     for name in bar(list(layers), desc="rtn", enabled=getattr(ctx, "progress", False)):
+        if plan is not None:  # llama.cpp's grid: its round-to-nearest, or the (unweighted) scale search
+            w = arch.linear_weight(layers[name]).detach().float()
+            bq = (ggml.fit if cfg.clip_search else ggml.quantize)(w, plan[name])
+            errs[name] = (torch.linalg.norm(ggml.dequantize(bq) - w) / torch.linalg.norm(w)).item()
+            arch.set_module(model, name, GGMLLinear.from_blocks(bq, getattr(layers[name], "bias", None)))
+            continue
         spec = cfg.layer_grid(name)
         if spec is None:
             continue
@@ -42,4 +51,6 @@ def rtn_(model, cfg: RTNConfig, ctx=None) -> dict:
         replace_linear(model, name, q, s, z, spec)
     if cfg.head_bits:
         quantize_head_(model, type(cfg.grid())(cfg.head_bits, cfg.group_size, cfg.sym))
+    if plan is not None:
+        ggml_embeddings_(model, plan)
     return {"relative_weight_error_mean": sum(errs.values()) / max(1, len(errs)), "layers": len(errs)}
