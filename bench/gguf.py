@@ -86,7 +86,7 @@ class Bench:
         from lmpress.io import load_model
 
         self.args, self.name = args, args.model
-        self.work = Path(args.work) / args.model
+        self.work = Path(args.work) / Path(args.model).name  # a built-in name or a folder's name
         self.work.mkdir(parents=True, exist_ok=True)
         self.fm, self.tok = load_model(args.model)
         self.calib, self.stream = prepare(self.tok, DataConfig(calib_samples=args.calib_samples, eval_tokens=EVAL_TOKENS))
