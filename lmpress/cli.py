@@ -48,11 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task-limit", type=int, default=200, help="items of the task to score (default 200)")
     p.add_argument("--lm-eval", metavar="TASK", default=None,
                    help="also score TASK (as --task) through lm-evaluation-harness on the loaded model (extra: lmpress[lm-eval])")
+    p.add_argument("--engine", choices=["llama.cpp"], default=None,
+                   help="also run the .gguf MODEL in llama.cpp (perplexity, KL, prefill/decode speed inside llama.cpp, "
+                        "on the same windows), beside lmpress's own figures (extra: lmpress[llamacpp])")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE ('-' for stdout)")
     p = sub.add_parser("info", help="architecture, parameter split, and the layers compression touches")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("fetch", help="download the built-in model and corpus now")
+    p = sub.add_parser("fetch", help="download a built-in model (default: the default model) and the corpus now")
+    p.add_argument("name", nargs="?", default=None, help="built-in model name (smollm2-135m, qwen2.5-coder-0.5b)")
     from .distill import cli as distill_cli
 
     distill_cli.add_parser(sub)
@@ -126,13 +130,23 @@ def cmd_eval(args) -> None:
 
     reference = model_input_path(args.reference) if args.reference else None
     check_json_dest(args.json, inputs=[model_input_path(args.model), reference, args.data, args.task])
+    if args.engine:
+        from . import llamacpp
+
+        llamacpp.require()
+        llamacpp.check_gguf(args.model or "")
     model, tok = _load(args)
     ref = None
     if args.reference:
         from .io import load_model
 
         ref, _ = load_model(args.reference, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    res = evaluate(model, tok, data=_data_cfg(args), context=args.context, reference=ref,
+    stream = None
+    if args.engine:  # both engines score the same token ids
+        from .data import prepare
+
+        _, stream = prepare(tok, _data_cfg(args), need_calib=False)
+    res = evaluate(model, tok, data=_data_cfg(args), stream=stream, context=args.context, reference=ref,
                    measure_speed=not args.no_speed, model_path=resolve_model_path(args.model), compiled_decode=args.compiled_decode)
     if args.task:
         from .evaluate import multiple_choice
@@ -145,7 +159,14 @@ def cmd_eval(args) -> None:
 
         res.update(evaluate_lm_eval(model, tok, args.lm_eval, limit=args.task_limit))
     res["model"] = str(args.model or "smollm2-135m")
-    print(table({res["model"]: res}))
+    columns = {res["model"]: res}
+    if args.engine:
+        from .llamacpp import evaluate_gguf
+
+        res["llama.cpp"] = evaluate_gguf(args.model, stream, context=args.context, bos=tok.bos_token_id, reference=ref,
+                                         measure_speed=not args.no_speed, progress=True)
+        columns = {"lmpress (dequantized, PyTorch)": res, "llama.cpp": res["llama.cpp"]}
+    print(table(columns))
     _emit(args.json, res)  # after the table: a failed write still leaves the figures on screen
 
 
@@ -200,7 +221,7 @@ def cmd_fetch(args) -> None:
 
     from .io import builtin_model_dir
 
-    print(builtin_model_dir(assets.DEFAULT_MODEL_NAME))
+    print(builtin_model_dir(args.name or assets.DEFAULT_MODEL_NAME))
     print(assets.default_corpus_path())
 
 

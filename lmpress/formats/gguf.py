@@ -207,7 +207,7 @@ def gguf_tensors(model: nn.Module, gtype: str, embed_type: str = "Q8_0", types: 
 def _file_type(gtype: str) -> int:
     from gguf import LlamaFileType
 
-    for name in (f"MOSTLY_{gtype}", f"MOSTLY_{gtype}_S"):
+    for name in (f"MOSTLY_{gtype}", f"MOSTLY_{gtype}_S", f"ALL_{gtype}"):
         if name in LlamaFileType.__members__:
             return int(LlamaFileType[name])
     return int(LlamaFileType.GUESSED)
@@ -216,7 +216,7 @@ def _file_type(gtype: str) -> int:
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str, metadata: dict, *,
                embed_type: str = "Q8_0", pre: str | None = None, types: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``model`` (a float Llama or Qwen2 decoder) and its byte-level BPE ``tokenizer`` to the GGUF
-    file ``path``, block linears in ``gtype``, embeddings in ``embed_type`` (a block type, ``F16`` or
+    file ``path``, block linears in ``gtype`` (a block type, or ``F16``/``F32``), embeddings in ``embed_type`` (a block type, ``F16`` or
     ``F32``), ``metadata`` (JSON-able, lmpress's recipe) under ``lmpress.metadata``; ``pre`` overrides
     the detected pre-tokenizer name. ``types`` (``{state-dict name: ggml type}``, e.g. llama.cpp's rule
     from :func:`lmpress.quant.gguf_mix.plan`) overrides both, ``gtype`` then naming the file type.
@@ -224,7 +224,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str,
     then renamed, so ``path`` never holds half a file. Returns ``{tensor name: ggml type}``."""
     import gguf
 
-    if types is None:
+    if types is None and gtype not in ("F16", "F32"):  # F16 / F32: a float file (llama-quantize's input)
         ggml.block_type(gtype)
     if embed_type not in ggml.TYPES and embed_type not in ("F16", "F32"):
         raise InputError(f"embed_type must be a block type ({', '.join(ggml.TYPES)}), F16 or F32, not {embed_type!r}")
