@@ -223,7 +223,9 @@ def _compiled_step(model):
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # many models per process
-        step = torch.compile(model.forward, dynamic=False)
+        from .quant.fuse import compile_options
+
+        step = torch.compile(model.forward, dynamic=False, options=compile_options())
         model.__dict__["_lmpress_compiled_forward"] = step
     return step
 
