@@ -176,8 +176,8 @@ def speed(model, *, prompt_tokens=256, new_tokens=32, repeats=3, vocab_hi=None, 
     vocab = vocab_hi or model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
-    if compiled:
-        greedy_decode(model, prompt, 2, compiled=True)  # compile outside the timing
+    if compiled:  # compile outside the timing, for the static cache length of the timed runs
+        _timed_decode(model, prompt, 2, compiled, cache_len=prompt_tokens + new_tokens)
     best_p = best_d = float("inf")
     for _ in range(repeats):
         _, t_prefill, t_decode = _timed_decode(model, prompt, new_tokens, compiled)
@@ -190,13 +190,15 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, compiled: bool =
     return _timed_decode(model, prompt, new_tokens, compiled)[0]
 
 
-def _timed_decode(model, prompt, new_tokens, compiled):
-    """(new token ids (1, n), prefill seconds, decode seconds)."""
+def _timed_decode(model, prompt, new_tokens, compiled, cache_len=None):
+    """(new token ids (1, n), prefill seconds, decode seconds); ``cache_len``: of the static cache
+    (compiled path; default prompt + new tokens: each length is a graph of its own)."""
     n_prompt = prompt.shape[1]
     step = _compiled_step(model) if compiled else model
     toks = []
     with torch.inference_mode():
-        kw = {"cache": _static_cache(model, n_prompt + new_tokens), "cache_position": torch.arange(n_prompt)} if compiled else {}
+        cache_len = cache_len or n_prompt + new_tokens
+        kw = {"cache": _static_cache(model, cache_len), "cache_position": torch.arange(n_prompt)} if compiled else {}
         t0 = time.perf_counter()
         out = model(prompt, use_cache=True, **kw)
         t1 = time.perf_counter()
