@@ -9,8 +9,8 @@ new tokens (greedy). The lmpress models are RTN (speed does not depend on the so
 every lmpress model once per decode path (``lmpress.evaluate.speed``, one repeat; the compiled path
 is compiled before the first round, per prompt length) and runs ``llama-bench`` once per GGUF file
 (decode: ``-n 32 -d P``, prefill: ``-p P``); rounds are interleaved, the table gives medians.
-The GGUF files are made the way a llama.cpp user makes them: ``convert_hf_to_gguf.py --outtype f32``
-on the model's safetensors folder, then ``llama-quantize``.
+The GGUF files are made with ``llama-quantize``: F32 from the published Q4_1 file (the weights lmpress's
+float model holds), Q8_0 / Q4_0 / Q4_K_M from that F32 file (no importance matrix).
 
 The bandwidth bound of a row is the memory read bandwidth (a 2-thread sum over 512 MiB, measured in
 the same run) over the bytes a decode step reads: every linear weight (packed codes, scales, zeros;
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, md_table, write_section  # noqa: E402
-from kernels import read_bandwidth  # noqa: E402
+from common import environment, md_table, read_bandwidth, without_bench_on_path, write_section  # noqa: E402
+
+without_bench_on_path()
 
 LLAMACPP = Path(os.environ.get("LLAMACPP_DIR", "/work/peers/llama.cpp"))
 MODELS = {  # name -> RTN settings (None: the float model)
@@ -81,25 +82,24 @@ def kv_bytes(cfg, positions: int, element: int) -> int:
 
 
 def gguf_files(folder: Path, types: list[str]) -> dict[str, Path]:
-    """The default model as GGUF files of these types (made once: convert to F32, then quantize)."""
-    from lmpress.io import resolve_model_path
+    """The default model as GGUF files of these types, made once with ``llama-quantize``: F32 from the
+    published Q4_1 file (``--allow-requantize``: dequantized, the very weights lmpress's float model
+    holds, as lmpress loads the same file), the others from that F32 file."""
+    from lmpress.assets import fetch_model
 
+    quantize = LLAMACPP / "build" / "bin" / "llama-quantize"
     folder.mkdir(parents=True, exist_ok=True)
     f32 = folder / "smollm2-135m-F32.gguf"
-    if not f32.exists():
-        convert = LLAMACPP / "src" / "convert_hf_to_gguf.py"
-        env = {**os.environ, "PYTHONPATH": str(LLAMACPP / "src" / "gguf-py")}
-        subprocess.run([sys.executable, str(convert), str(resolve_model_path(None)), "--outtype", "f32",
-                        "--outfile", str(f32.with_suffix(".tmp"))], check=True, env=env, capture_output=True)
-        f32.with_suffix(".tmp").rename(f32)
     out = {}
-    for t in types:
+    for t in ["F32", *[t for t in types if t != "F32"]]:
         path = folder / f"smollm2-135m-{t}.gguf"
-        if t != "F32" and not path.exists():
-            subprocess.run([str(LLAMACPP / "build" / "bin" / "llama-quantize"), str(f32), str(path.with_suffix(".tmp")), t],
-                           check=True, capture_output=True)
+        if not path.exists():
+            src, extra = (fetch_model(), ["--allow-requantize"]) if t == "F32" else (f32, [])
+            subprocess.run([str(quantize), *extra, str(src), str(path.with_suffix(".tmp")), t], check=True,
+                           capture_output=True)
             path.with_suffix(".tmp").rename(path)
-        out[t] = f32 if t == "F32" else path
+        if t in types:
+            out[t] = path
     return out
 
 
@@ -132,7 +132,7 @@ def llama_bench(path: Path, prompt: int, new: int, threads: int) -> tuple[float,
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
+def run(args, on_prompt_done) -> dict:
     from lmpress.evaluate import speed
 
     torch.set_num_threads(args.threads)
@@ -149,23 +149,24 @@ def run(args) -> dict:
         print(*key, f"prefill {prefill:.1f} decode {decode:.2f} tok/s", file=sys.stderr, flush=True)
 
     t0 = time.time()
-    for rnd in range(args.rounds):
-        for prompt in args.prompts:
+    res = {"rows": rows, "bytes": {}, "bandwidth": bandwidth, "load": (load_before, load_before), "seconds": 0.0}
+    for prompt in args.prompts:  # one prompt length after the other (a stopped run keeps the finished ones)
+        for _ in range(args.rounds):  # rounds interleave the models
             for name, model in models.items():
                 for path in args.paths:
                     s = speed(model, prompt_tokens=prompt, new_tokens=args.new_tokens, repeats=1, compiled=path == "compiled")
                     add((f"lmpress {name}", path, prompt), s.prefill_tps, s.decode_tps)
             for t, f in ggufs.items():
                 add((f"llama.cpp {t}", "llama-bench", prompt), *llama_bench(f, prompt, args.new_tokens, args.threads))
-    positions = {p: p + args.new_tokens // 2 for p in args.prompts}
-    nbytes = {}
-    for (name, path, prompt) in rows:
-        if name.startswith("lmpress"):
-            nbytes[(name, prompt)] = lmpress_bytes(models[name.removeprefix("lmpress ")], positions[prompt])
-        else:
-            nbytes[(name, prompt)] = gguf_bytes(ggufs[name.removeprefix("llama.cpp ")], positions[prompt])
-    return {"rows": rows, "bytes": nbytes, "bandwidth": bandwidth, "load": (load_before, os.getloadavg()),
-            "seconds": time.time() - t0}
+        positions = prompt + args.new_tokens // 2  # mean context of a decode step
+        for name in {k[0] for k in rows if k[2] == prompt}:
+            if name.startswith("lmpress"):
+                res["bytes"][(name, prompt)] = lmpress_bytes(models[name.removeprefix("lmpress ")], positions)
+            else:
+                res["bytes"][(name, prompt)] = gguf_bytes(ggufs[name.removeprefix("llama.cpp ")], positions)
+        res["load"], res["seconds"] = (load_before, os.getloadavg()), time.time() - t0
+        on_prompt_done(res, [p for p in args.prompts if any(k[2] == p for k in rows)])
+    return res
 
 
 def table(res: dict, prompt: int, rounds: int) -> str:
@@ -187,7 +188,7 @@ def table(res: dict, prompt: int, rounds: int) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[256, 64, 1024])  # the headline length first
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -199,24 +200,29 @@ def main():
     ap.add_argument("--json", help="also write the raw figures here")
     ap.add_argument("--write", action="store_true", help="write the 'decode' section of BENCHMARKS.md")
     args = ap.parse_args()
-    res = run(args)
-    tables = "\n\n".join(table(res, p, args.rounds) for p in args.prompts)
-    print(tables)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": {" | ".join(map(str, k)): v for k, v in res["rows"].items()},
-                                               "bandwidth": res["bandwidth"], "load": res["load"]}, indent=1))
-    if args.write:
-        (l0, l1) = res["load"]
-        body = (f"## Decode speed: lmpress eager and compiled vs llama.cpp\n\n"
-                f"Command: `flock /tmp/lmpress-heavy.lock python bench/decode.py --write` "
-                f"({' '.join(sys.argv[1:])}). {environment()}; kernel {kernel_name()}. Default model "
-                f"(SmolLM2-135M-Instruct), RTN weights, random prompt ids, {args.new_tokens} new tokens, batch 1, "
-                f"{args.threads} threads; llama.cpp files from `convert_hf_to_gguf.py --outtype f32` + "
-                f"`llama-quantize`, timed by `llama-bench`. Read bandwidth {res['bandwidth'] / 1e9:.1f} GB/s "
-                f"(measured in the run). Load average {l0[0]:.1f} before and {l1[0]:.1f} after the run "
-                f"({res['seconds'] / 60:.0f} min): other helpers' jobs shared the 2 cores outside the heavy lock, "
-                f"so figures are noisy; ratios come from one interleaved run.\n\n{tables}\n")
-        write_section("decode", body)
+
+    def report(res, prompts):
+        tables = "\n\n".join(table(res, p, args.rounds) for p in sorted(prompts))
+        print(tables, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": {" | ".join(map(str, k)): v for k, v in res["rows"].items()},
+                                                   "bandwidth": res["bandwidth"], "load": res["load"]}, indent=1))
+        if args.write:
+            write_section("decode", section(res, args, tables))
+
+    run(args, report)
+
+
+def section(res: dict, args, tables: str) -> str:
+    (l0, l1) = res["load"]
+    return (f"## Decode speed: lmpress eager and compiled vs llama.cpp\n\n"
+            f"Command: `flock /tmp/lmpress-heavy.lock python bench/decode.py {' '.join(sys.argv[1:])}`. {environment()}; "
+            f"kernel {kernel_name()}. Default model (SmolLM2-135M-Instruct), RTN weights, random prompt ids, "
+            f"{args.new_tokens} new tokens, batch 1, {args.threads} threads; llama.cpp files from `llama-quantize` (F32 "
+            f"from the published Q4_1 file, the others from F32, no imatrix), timed by `llama-bench`. Read bandwidth "
+            f"{res['bandwidth'] / 1e9:.1f} GB/s (measured in the run). Load average {l0[0]:.1f} before and {l1[0]:.1f} "
+            f"after the run ({res['seconds'] / 60:.0f} min): other helpers' jobs shared the 2 cores outside the heavy "
+            f"lock, so figures are noisy; ratios come from one interleaved run.\n\n{tables}\n")
 
 
 def kernel_name() -> str:

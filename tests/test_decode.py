@@ -116,4 +116,24 @@ def test_reference_path_compiles_too(monkeypatch):
 def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens():
     model = _quantized_tiny(4, 64, head_bits=8)
     prompt = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(ev.greedy_decode(model, prompt, 6, compiled=True), ev.greedy_decode(model, prompt, 6))
+    eager = ev.greedy_decode(model, prompt, 6)
+    assert torch.equal(ev.greedy_decode(model, prompt, 6, compiled=True), eager)
+    assert torch.equal(ev._timed_decode(model, prompt, 6, True, warm=True)[0], eager)  # differentiating guards only
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grouped_sdpa_gives_the_sdpa_logits(kind):
+    from lmpress.attention import use_grouped_sdpa_
+
+    model = tiny_model(kind)
+    prompt = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model.set_attn_implementation("eager")  # the reference: key/value heads repeated, plain softmax
+        out = model(prompt[:, :8], use_cache=True)
+        ref = model(prompt[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits
+        model.set_attn_implementation("sdpa")
+        assert use_grouped_sdpa_(model) and model.config._attn_implementation == "lmpress_sdpa"
+        out2 = model(prompt[:, :8], use_cache=True)
+        got = model(prompt[:, 8:], past_key_values=out2.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(out2.logits, out.logits, rtol=1e-5, atol=1e-5)  # prefill: transformers' SDPA
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # one token: the packed query heads
