@@ -21,8 +21,12 @@
 // result matches it to float rounding, not bit for bit.
 // Dequantization (prefill path) uses a 16-entry table per group: vpmultishiftqb puts each code in
 // the low byte of a lane, vpermps maps it to (q - z) * s -- bit-identical to the reference.
-// Without AVX-512 VBMI, or for a group size the lanes cannot follow, a portable path dequantizes
-// one row into a buffer and takes dot products.
+// AVX2 (+FMA, F16C) runs the same mask-and-fold scheme on 8 lanes (32-byte blocks, 24 for 3 bits:
+// vpermd + vpshufb spread the 24-bit words); its int32 -> float conversion is signed, so the top
+// code of a full lane (2, 4, 8 bits) is shifted down instead of masked in place (its x unscaled).
+// Its dequantization broadcasts 8 codes' bits and shifts each lane by its own count (vpsrlvd).
+// Without either, or for a group size the lanes cannot follow, a portable path dequantizes one row
+// into a buffer and takes dot products.
 //
 // This file holds the math and needs no tensor headers, so it compiles in parallel with the
 // torch / pybind11 glue in qgemv.cpp. Entry points: lmpress_kernel::{gemv, dequant, max_rows,
@@ -326,11 +330,29 @@ inline __m256i load_block(const uint8_t* row, int64_t b, int64_t row_bytes) {
   }
 }
 
-// Row r's scales as floats into sb[0:ng] and zterm[m] = sum_g s_g z_g xsum[m, g].
+// 8 scales (or zeros) from element i on, as floats.
+inline __m256 load8_scales(const void* src, int64_t i, bool half) {
+  if (half)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const c10::Half*>(src) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(src) + i);
+}
+
+// Row r's scales as floats into sb[0:ng] and zterm[m] = sum_g s_g z_g xsum[m, g] (8 groups at a
+// time, the rest one by one).
 template <int M>
 inline void row_scales(const Problem& p, int64_t r, float* sb, float* zterm) {
-  float zt[M] = {};
-  for (int64_t g = 0; g < p.ng; ++g) {
+  __m256 zv[M];
+  for (int m = 0; m < M; ++m) zv[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= p.ng; g += 8) {
+    const __m256 s = load8_scales(p.s, r * p.ng + g, p.half_scales);
+    const __m256 sz = _mm256_mul_ps(s, load8_scales(p.z, r * p.ng + g, p.half_scales));
+    _mm256_storeu_ps(sb + g, s);
+    for (int m = 0; m < M; ++m) zv[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(p.xsum + m * p.ng + g), zv[m]);
+  }
+  float zt[M];
+  for (int m = 0; m < M; ++m) zt[m] = hsum(zv[m]);
+  for (; g < p.ng; ++g) {
     const float s = scale_at(p.s, r * p.ng + g, p.half_scales);
     const float sz = s * scale_at(p.z, r * p.ng + g, p.half_scales);
     sb[g] = s;

@@ -8,6 +8,11 @@
   registers, so batch-1 decode runs near memory speed on ~4.5 instead of 32 bits per weight;
 * more rows (prefill): the C++ kernel dequantizes to a float32 matrix and ``F.linear`` multiplies.
 
+The products run as PyTorch operators, ``torch.ops.lmpress.qmatmul`` and ``qmatmul_many`` (several
+matrices that read the same x, one call; see :mod:`.fuse`), with fake implementations, so
+``torch.compile(fullgraph=True)`` traces a quantized model without graph breaks. The kernels use
+AVX-512 VBMI or AVX2 + FMA + F16C when the CPU has them (:func:`backend_name`).
+
 The extension is compiled on first use (never at import) by :func:`lmpress.cext.load_extension`
 as ``lmpress_qgemv_<digest of the sources and flags>`` and cached in ``~/.cache/lmpress/ext`` (see
 there); the first call takes ~15 s (two translation units, compiled in parallel).
@@ -114,7 +119,7 @@ def available() -> bool:
 
 
 def backend_name() -> str:
-    """``"cpp-avx512-vbmi"``, ``"cpp-portable"`` or ``"reference"`` (compiles on the first call)."""
+    """``"cpp-avx512-vbmi"``, ``"cpp-avx2"``, ``"cpp-portable"`` or ``"reference"`` (compiles on the first call)."""
     return f"cpp-{_extension().simd()}" if available() else "reference"
 
 
