@@ -56,6 +56,29 @@ def _replace_section(name: str, body: str) -> None:
     BENCHMARKS.write_text(text)
 
 
+def read_bandwidth(repeats: int) -> float:
+    """Bytes per second of a multi-threaded sum over 512 MiB (a bound for weight streaming)."""
+    import time
+
+    import torch
+
+    big = torch.ones(128 * 2**20)
+    big.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t)
+    return big.numel() * 4 / best
+
+
+def without_bench_on_path() -> None:
+    """Drop bench/ from sys.path: its kernels.py would shadow the ``kernels`` package that
+    transformers looks for (and fails to import from) when it loads a model."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

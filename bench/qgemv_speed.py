@@ -13,7 +13,9 @@ bound is measured in the same run (sum over a large fp32 tensor).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from lmpress.quant import kernels
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import read_bandwidth  # noqa: E402
 
 HIDDEN, KV, INTER, VOCAB, LAYERS = 576, 192, 1536, 49152, 30
 LAYER_SHAPES = [  # (out, in) of q, k, v, o, gate, up, down
@@ -46,13 +51,6 @@ def elapsed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def read_bandwidth(repeats: int) -> float:
-    """Bytes per second of a multi-threaded sum over 512 MiB (a bound for weight streaming)."""
-    big = torch.ones(128 * 2**20)
-    big.sum()
-    return big.numel() * 4 / min(elapsed(big.sum) for _ in range(repeats))
 
 
 def dense_format(name: str, dtype: torch.dtype) -> Format:

@@ -6,6 +6,7 @@ out wrongly costs about 1e-1; the 4-bit weight grids themselves cost about 1e-3,
 also shows llama.cpp runs lmpress's grid and not the float weights.
 """
 
+import importlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ except ImportError:
         raise
     pytest.skip("llama-cpp-python is not installed (pip install 'lmpress[llamacpp]')", allow_module_level=True)
 
-from lmpress import evaluate  # noqa: E402
+evaluate = importlib.import_module("lmpress.evaluate")  # the module (lmpress.evaluate is the API function)
 from lmpress.formats.gguf import write_gguf  # noqa: E402
 from lmpress.llamacpp import evaluate_gguf, speed  # noqa: E402
 from lmpress.quant import ggml  # noqa: E402

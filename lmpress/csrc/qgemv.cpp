@@ -6,6 +6,7 @@
 #include <c10/core/GradMode.h>
 #include <ATen/ops/linear.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
@@ -15,6 +16,16 @@ namespace lmpress_kernel {  // defined in qgemv_kernel.cpp
 void gemv(int bits, const uint8_t* w, const void* s, const void* z, bool half_scales,
           const float* bias, const float* x, float* y, int64_t M, int64_t K, int64_t N,
           int64_t G);
+struct Matrix {  // one packed matrix of a gemv_many call and where its output goes
+  const uint8_t* w;
+  const void* s;
+  const void* z;
+  const float* bias;
+  float* y;
+  int64_t N;
+};
+void gemv_many(int bits, const Matrix* mats, int64_t count, bool half_scales, const float* x,
+               int64_t M, int64_t K, int64_t G);
 void dequant(int bits, const uint8_t* w, const void* s, const void* z, bool half_scales,
              float* out, int64_t K, int64_t N, int64_t G);
 int max_rows();
@@ -105,6 +116,81 @@ std::optional<at::Tensor> qmatmul(const at::Tensor& x, const at::Tensor& packed,
   return y.view(sizes);
 }
 
+// The same product as a PyTorch operator (lmpress::qmatmul): always a tensor. Inputs the fused
+// kernel does not cover (x not float32, scales neither float16 nor float32, bias not float32) are
+// converted, so the op agrees with the reference path; autograd is the Python wrapper's business.
+at::Tensor qmatmul_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                      const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                      int64_t out_features, const std::optional<at::Tensor>& bias) {
+  std::optional<at::Tensor> y = qmatmul(x, packed, scales, zeros, bits, group_size, out_features, bias);
+  if (y) return *y;
+  at::NoGradGuard no_grad;
+  std::optional<at::Tensor> b;
+  if (bias) b = bias->to(at::kFloat);
+  y = qmatmul(x.to(at::kFloat), packed, scales.to(at::kFloat), zeros.to(at::kFloat), bits,
+              group_size, out_features, b);
+  TORCH_CHECK(y.has_value(), "lmpress::qmatmul: x must be a non-empty CPU tensor");
+  return y->to(x.scalar_type());
+}
+
+// Several packed matrices that read the same x (q, k, v; gate, up) in one call: x is prepared
+// once and one parallel loop runs over the rows of all of them. Same bits and group size for all;
+// each output is exactly what qmatmul gives for that matrix alone.
+std::vector<at::Tensor> qmatmul_many_op(const at::Tensor& x, at::TensorList packed,
+                                        at::TensorList scales, at::TensorList zeros, int64_t bits,
+                                        int64_t group_size, at::IntArrayRef out_features,
+                                        const c10::List<std::optional<at::Tensor>>& bias) {
+  const int64_t n = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(n >= 1 && static_cast<int64_t>(scales.size()) == n &&
+                  static_cast<int64_t>(zeros.size()) == n &&
+                  static_cast<int64_t>(out_features.size()) == n &&
+                  static_cast<int64_t>(bias.size()) == n,
+              "qmatmul_many: packed, scales, zeros, out_features and bias need one entry per matrix");
+  const int64_t K = x.size(-1);
+  const int64_t rows = K > 0 ? x.numel() / K : 0;
+  bool fused = x.scalar_type() == at::kFloat && x.device().is_cpu() && x.numel() > 0 &&
+               rows <= lmpress_kernel::max_rows() &&
+               !(c10::GradMode::is_enabled() && x.requires_grad());
+  for (int64_t i = 0; i < n && fused; ++i) {
+    const std::optional<at::Tensor> b = bias.get(i);
+    fused = scales[i].scalar_type() == scales[0].scalar_type() &&
+            zeros[i].scalar_type() == scales[0].scalar_type() &&
+            (scales[0].scalar_type() == at::kHalf || scales[0].scalar_type() == at::kFloat) &&
+            (!b || (b->scalar_type() == at::kFloat && !(c10::GradMode::is_enabled() && b->requires_grad())));
+  }
+  std::vector<at::Tensor> out;
+  if (!fused) {  // one product at a time (prefill: dequantize + matmul each)
+    for (int64_t i = 0; i < n; ++i)
+      out.push_back(qmatmul_op(x, packed[i], scales[i], zeros[i], bits, group_size,
+                               out_features[i], bias.get(i)));
+    return out;
+  }
+  const at::Tensor x2 = x.reshape({rows, K}).contiguous();  // (rows, in)
+  std::vector<at::Tensor> keep;  // contiguous copies live until the kernel returns
+  std::vector<lmpress_kernel::Matrix> mats;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor w = packed[i].contiguous(), s = scales[i].contiguous(), z = zeros[i].contiguous();
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == out_features[i], "packed must have out_features rows");
+    check_weight(w, s, z, bits, group_size, K);
+    const float* b = nullptr;
+    if (const std::optional<at::Tensor> bi = bias.get(i)) {
+      TORCH_CHECK(bi->numel() == out_features[i], "bias must have out_features entries");
+      keep.push_back(bi->contiguous());
+      b = keep.back().data_ptr<float>();
+    }
+    sizes.back() = out_features[i];
+    out.push_back(at::empty(sizes, x.options()));
+    keep.insert(keep.end(), {w, s, z});
+    mats.push_back({w.data_ptr<uint8_t>(), s.data_ptr(), z.data_ptr(), b,
+                    out.back().data_ptr<float>(), out_features[i]});
+  }
+  lmpress_kernel::gemv_many(static_cast<int>(bits), mats.data(), n,
+                            scales[0].scalar_type() == at::kHalf, x2.data_ptr<float>(), rows, K,
+                            group_size);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -113,4 +199,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "dequantize packed codes to a float32 matrix");
   m.def("simd", &lmpress_kernel::simd, "instruction set the kernels were built for");
   m.attr("max_rows") = lmpress_kernel::max_rows();
+}
+
+// Registered as PyTorch operators (torch.ops.lmpress.*) so torch.compile traces them as single
+// nodes; their fake (shape-only) implementations are registered from lmpress.quant.kernels.
+TORCH_LIBRARY(lmpress, m) {
+  m.def("qmatmul(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int bits, int group_size, "
+        "int out_features, Tensor? bias) -> Tensor");
+  m.def("qmatmul_many(Tensor x, Tensor[] packed, Tensor[] scales, Tensor[] zeros, int bits, "
+        "int group_size, int[] out_features, Tensor?[] bias) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(lmpress, CPU, m) {
+  m.impl("qmatmul", &qmatmul_op);
+  m.impl("qmatmul_many", &qmatmul_many_op);
 }

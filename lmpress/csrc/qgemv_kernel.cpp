@@ -21,8 +21,12 @@
 // result matches it to float rounding, not bit for bit.
 // Dequantization (prefill path) uses a 16-entry table per group: vpmultishiftqb puts each code in
 // the low byte of a lane, vpermps maps it to (q - z) * s -- bit-identical to the reference.
-// Without AVX-512 VBMI, or for a group size the lanes cannot follow, a portable path dequantizes
-// one row into a buffer and takes dot products.
+// AVX2 (+FMA, F16C) runs the same mask-and-fold scheme on 8 lanes (32-byte blocks, 24 for 3 bits:
+// vpermd + vpshufb spread the 24-bit words); its int32 -> float conversion is signed, so the top
+// code of a full lane (2, 4, 8 bits) is shifted down instead of masked in place (its x unscaled).
+// Its dequantization broadcasts 8 codes' bits and shifts each lane by its own count (vpsrlvd).
+// Without either, or for a group size the lanes cannot follow, a portable path dequantizes one row
+// into a buffer and takes dot products.
 //
 // This file holds the math and needs no tensor headers, so it compiles in parallel with the
 // torch / pybind11 glue in qgemv.cpp. Entry points: lmpress_kernel::{gemv, dequant, max_rows,
@@ -40,21 +44,50 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #define LMP_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LMP_AVX2 1
 #endif
 
 namespace lmpress_kernel {
 
 constexpr int kMaxRows = 8;  // rows of x the fused kernel takes in one pass
 
+struct Matrix {  // one packed matrix of a gemv_many call and where its output goes
+  const uint8_t* w;
+  const void* s;
+  const void* z;
+  const float* bias;
+  float* y;
+  int64_t N;
+};
+void gemv_many(int bits, const Matrix* mats, int64_t count, bool half_scales, const float* x,
+               int64_t M, int64_t K, int64_t G);
+
 namespace {
 
-// Geometry of one 16-lane block for a bit width.
+#ifdef LMP_AVX2
+constexpr int kLanes = 8;  // 32-bit lanes of a vector register
+#else
+constexpr int kLanes = 16;
+#endif
+
+// Geometry of one kLanes-lane block for a bit width.
 template <int BITS>
 struct Lanes {
   static constexpr int C = BITS == 3 ? 8 : 32 / BITS;  // codes per 32-bit lane
-  static constexpr int codes = 16 * C;                  // codes per block
-  static constexpr int bytes = codes * BITS / 8;        // 64, or 48 for 3 bits
+  static constexpr int codes = kLanes * C;              // codes per block
+  static constexpr int bytes = codes * BITS / 8;        // 64 (AVX2: 32), or 48 (24) for 3 bits
   static constexpr uint32_t mask = (1u << BITS) - 1;
+  // AVX2 converts int32 lanes as signed: the top code of a full 32-bit lane (2, 4, 8 bits) is
+  // shifted down instead of masked in place, so its x is not scaled.
+#ifdef LMP_AVX2
+  static constexpr bool top_shifted = BITS != 3;
+#else
+  static constexpr bool top_shifted = false;
+#endif
+  static constexpr float x_scale(int j) {
+    return top_shifted && j == C - 1 ? 1.f : 1.f / static_cast<float>(1u << (BITS * j));
+  }
 };
 
 struct Problem {
@@ -68,9 +101,9 @@ struct Problem {
   int64_t M, K, N, G, ng, row_bytes;
   // prepared per call by prepare_x (fused path only)
   const float* x;       // (M, K) original x, for the portable path
-  const float* xr;      // (M, nb * codes) x permuted to lane order and scaled by 2**-(bits * j)
+  const float* xr;      // (M, nb * codes) x permuted to lane order and scaled by Lanes::x_scale(j)
   const float* xsum;    // (M, ng) sum of x over each group
-  const int32_t* gidx;  // (nb, 16) group of each lane, relative to base
+  const int32_t* gidx;  // (nb, kLanes) group of each lane, relative to base
   const int64_t* base;  // (nb,) first group a block touches
   int64_t nb;           // blocks per row
 };
@@ -262,11 +295,162 @@ void dequant_rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
 
 #endif  // LMP_AVX512
 
+// ---- AVX2 (+FMA, F16C): the same fused multiply with 8 lanes -----------------------------------
+
+#ifdef LMP_AVX2
+
+inline float hsum(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// Block b of a row as 8 lanes of C codes each; bytes past the row end read as zero.
+template <int BITS>
+inline __m256i load_block(const uint8_t* row, int64_t b, int64_t row_bytes) {
+  using L = Lanes<BITS>;
+  const int64_t left = row_bytes - b * L::bytes;
+  const uint8_t* src = row + b * L::bytes;
+  __m256i raw;
+  if (left >= 32) {
+    raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  } else {
+    alignas(32) uint8_t buf[32] = {};
+    std::memcpy(buf, src, std::min<int64_t>(left, L::bytes));
+    raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  }
+  if constexpr (BITS == 3) {
+    // bytes 0..11 to the low 128-bit half, 12..23 to the high one; lane i <- bytes 3i..3i+2, 0
+    const __m256i half = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
+    const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                         0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    return _mm256_shuffle_epi8(half, idx);
+  } else {
+    return raw;
+  }
+}
+
+// 8 scales (or zeros) from element i on, as floats.
+inline __m256 load8_scales(const void* src, int64_t i, bool half) {
+  if (half)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const c10::Half*>(src) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(src) + i);
+}
+
+// Row r's scales as floats into sb[0:ng] and zterm[m] = sum_g s_g z_g xsum[m, g] (8 groups at a
+// time, the rest one by one).
+template <int M>
+inline void row_scales(const Problem& p, int64_t r, float* sb, float* zterm) {
+  __m256 zv[M];
+  for (int m = 0; m < M; ++m) zv[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= p.ng; g += 8) {
+    const __m256 s = load8_scales(p.s, r * p.ng + g, p.half_scales);
+    const __m256 sz = _mm256_mul_ps(s, load8_scales(p.z, r * p.ng + g, p.half_scales));
+    _mm256_storeu_ps(sb + g, s);
+    for (int m = 0; m < M; ++m) zv[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(p.xsum + m * p.ng + g), zv[m]);
+  }
+  float zt[M];
+  for (int m = 0; m < M; ++m) zt[m] = hsum(zv[m]);
+  for (; g < p.ng; ++g) {
+    const float s = scale_at(p.s, r * p.ng + g, p.half_scales);
+    const float sz = s * scale_at(p.z, r * p.ng + g, p.half_scales);
+    sb[g] = s;
+    for (int m = 0; m < M; ++m) zt[m] += sz * p.xsum[m * p.ng + g];
+  }
+  for (int m = 0; m < M; ++m) zterm[m] = zt[m];
+}
+
+// Code j of every lane as float (times 2**(BITS * j) unless the lane's top code is shifted down).
+template <int BITS, int J>
+inline __m256 lane_codes(__m256i v) {
+  using L = Lanes<BITS>;
+  if constexpr (L::top_shifted && J == L::C - 1)
+    return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, BITS * J));
+  else
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(L::mask << (BITS * J)))));
+}
+
+template <int BITS, int M, int NC, int J = 0>
+inline void fold_codes(__m256i v, const float* xb, int64_t xstride, __m256 (&t)[M][NC]) {
+  if constexpr (J < Lanes<BITS>::C) {
+    const __m256 q = lane_codes<BITS, J>(v);
+    for (int m = 0; m < M; ++m)
+      t[m][J % NC] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + m * xstride + kLanes * J), t[m][J % NC]);
+    fold_codes<BITS, M, NC, J + 1>(v, xb, xstride, t);
+  }
+}
+
+// y[0:M, r0:r1]. NC independent FMA chains per x row keep the FMA units busy.
+template <int BITS, int M>
+void gemv_rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
+  using L = Lanes<BITS>;
+  constexpr int NC = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  const int64_t xstride = p.nb * L::codes;
+  thread_local std::vector<float> sbuf;  // row scales as floats (+ slack for block loads)
+  if (sbuf.size() < static_cast<size_t>(p.ng + 32)) sbuf.resize(p.ng + 32);
+  float* sb = sbuf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    float zterm[M];
+    row_scales<M>(p, r, sb, zterm);
+    const uint8_t* row = p.w + r * p.row_bytes;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const __m256i v = load_block<BITS>(row, b, p.row_bytes);
+      __m256 t[M][NC];
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < NC; ++c) t[m][c] = _mm256_setzero_ps();
+      fold_codes<BITS, M, NC>(v, p.xr + b * L::codes, xstride, t);
+      const __m256 s = _mm256_permutevar8x32_ps(
+          _mm256_loadu_ps(sb + p.base[b]),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.gidx + kLanes * b)));
+      for (int m = 0; m < M; ++m) {
+        __m256 sum = t[m][0];
+        for (int c = 1; c < NC; ++c) sum = _mm256_add_ps(sum, t[m][c]);
+        acc[m] = _mm256_fmadd_ps(sum, s, acc[m]);
+      }
+    }
+    const float bias = p.bias ? p.bias[r] : 0.f;
+    for (int m = 0; m < M; ++m) p.y[m * p.N + r] = hsum(acc[m]) - zterm[m] + bias;
+  }
+}
+
+// Dequantize rows (8 codes at a time, k % 8 == 0): (q - z) * s exactly as the reference.
+template <int BITS>
+void dequant_rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS % 32, 5 * BITS % 32,
+                                           6 * BITS % 32, 7 * BITS % 32);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.w + r * p.row_bytes;
+    float* out = p.y + r * p.K;
+    for (int64_t g = 0; g < p.ng; ++g) {
+      const __m256 sv = _mm256_set1_ps(scale_at(p.s, r * p.ng + g, p.half_scales));
+      const __m256 zv = _mm256_set1_ps(scale_at(p.z, r * p.ng + g, p.half_scales));
+      for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 8) {
+        __m256i q;
+        if constexpr (BITS == 8) {
+          q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+        } else {
+          uint32_t word = 0;  // the 8 codes: BITS bytes
+          std::memcpy(&word, row + k * BITS / 8, BITS);
+          q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
+        }
+        const __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv);
+        _mm256_storeu_ps(out + k, w);
+      }
+    }
+  }
+}
+
+#endif  // LMP_AVX2
+
 // ---- dispatch ---------------------------------------------------------------------------------
 
 template <int BITS>
 inline bool fused_ok(int64_t G, int64_t K) {
-#ifdef LMP_AVX512
+#if defined(LMP_AVX512) || defined(LMP_AVX2)
   return G % Lanes<BITS>::C == 0 || G == K;  // every lane's codes share one group
 #else
   return false;
@@ -288,6 +472,19 @@ void gemv_rows(const Problem& p, int64_t r0, int64_t r1) {
       case 8: return gemv_rows_avx512<BITS, 8>(p, r0, r1);
     }
   }
+#elif defined(LMP_AVX2)
+  if (fused_ok<BITS>(p.G, p.K)) {
+    switch (p.M) {
+      case 1: return gemv_rows_avx2<BITS, 1>(p, r0, r1);
+      case 2: return gemv_rows_avx2<BITS, 2>(p, r0, r1);
+      case 3: return gemv_rows_avx2<BITS, 3>(p, r0, r1);
+      case 4: return gemv_rows_avx2<BITS, 4>(p, r0, r1);
+      case 5: return gemv_rows_avx2<BITS, 5>(p, r0, r1);
+      case 6: return gemv_rows_avx2<BITS, 6>(p, r0, r1);
+      case 7: return gemv_rows_avx2<BITS, 7>(p, r0, r1);
+      case 8: return gemv_rows_avx2<BITS, 8>(p, r0, r1);
+    }
+  }
 #endif
   gemv_rows_scalar<BITS>(p, r0, r1);
 }
@@ -296,6 +493,8 @@ template <int BITS>
 void dequant_rows(const Problem& p, int64_t r0, int64_t r1) {
 #ifdef LMP_AVX512
   if (p.G % 16 == 0) return dequant_rows_avx512<BITS>(p, r0, r1);
+#elif defined(LMP_AVX2)
+  if (p.G % 8 == 0) return dequant_rows_avx2<BITS>(p, r0, r1);
 #endif
   for (int64_t r = r0; r < r1; ++r) dequant_row_scalar<BITS>(p, r, p.y + r * p.K);
 }
@@ -325,7 +524,7 @@ struct XPrep {
   std::vector<int64_t> base;
 };
 
-// x in lane order, scaled by 2**-(bits * j); group sums of x; each lane's group.
+// x in lane order, scaled by Lanes::x_scale(j); group sums of x; each lane's group.
 template <int BITS>
 void prepare_x(const float* x, int64_t M, int64_t K, int64_t G, XPrep& out, int64_t& nb) {
   using L = Lanes<BITS>;
@@ -333,16 +532,16 @@ void prepare_x(const float* x, int64_t M, int64_t K, int64_t G, XPrep& out, int6
   nb = (K + L::codes - 1) / L::codes;
   out.xr.assign(M * nb * L::codes, 0.f);
   out.xsum.resize(M * ng);
-  float scale[L::C];  // 2**-(BITS * j), exact
-  for (int j = 0; j < L::C; ++j) scale[j] = 1.f / static_cast<float>(1u << (BITS * j));
+  float scale[L::C];  // powers of two: exact
+  for (int j = 0; j < L::C; ++j) scale[j] = L::x_scale(j);
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     float* xr = out.xr.data() + m * nb * L::codes;
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t i = 0; i < 16; ++i)
+      for (int64_t i = 0; i < kLanes; ++i)
         for (int j = 0; j < L::C; ++j) {
           const int64_t k = b * L::codes + i * L::C + j;
-          if (k < K) xr[b * L::codes + 16 * j + i] = xm[k] * scale[j];
+          if (k < K) xr[b * L::codes + kLanes * j + i] = xm[k] * scale[j];
         }
     for (int64_t g = 0; g < ng; ++g) {
       double sum = 0.0;
@@ -350,14 +549,41 @@ void prepare_x(const float* x, int64_t M, int64_t K, int64_t G, XPrep& out, int6
       out.xsum[m * ng + g] = static_cast<float>(sum);
     }
   }
-  out.gidx.resize(nb * 16);
+  out.gidx.resize(nb * kLanes);
   out.base.resize(nb);
   for (int64_t b = 0; b < nb; ++b) {
     out.base[b] = b * L::codes / G;
-    for (int64_t i = 0; i < 16; ++i) {
+    for (int64_t i = 0; i < kLanes; ++i) {
       const int64_t k = std::min(b * L::codes + i * L::C, K - 1);
-      out.gidx[b * 16 + i] = static_cast<int32_t>(k / G - out.base[b]);
+      out.gidx[b * kLanes + i] = static_cast<int32_t>(k / G - out.base[b]);
     }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// x prepared once for bits; the pointers of p that depend on x set from prep.
+void prepare(int bits, const float* x, int64_t M, int64_t K, int64_t G, Problem& p) {
+  thread_local XPrep prep;
+  switch (bits) {
+    case 2: prepare_x<2>(x, M, K, G, prep, p.nb); break;
+    case 3: prepare_x<3>(x, M, K, G, prep, p.nb); break;
+    case 4: prepare_x<4>(x, M, K, G, prep, p.nb); break;
+    case 8: prepare_x<8>(x, M, K, G, prep, p.nb); break;
+  }
+  p.x = x, p.M = M, p.K = K, p.G = G, p.ng = K / G, p.row_bytes = K * bits / 8;
+  p.xr = prep.xr.data(), p.xsum = prep.xsum.data();
+  p.gidx = prep.gidx.data(), p.base = prep.base.data();
+}
+
+void gemv_range(const Problem& p, int bits, int64_t r0, int64_t r1) {
+  switch (bits) {
+    case 2: return gemv_rows<2>(p, r0, r1);
+    case 3: return gemv_rows<3>(p, r0, r1);
+    case 4: return gemv_rows<4>(p, r0, r1);
+    case 8: return gemv_rows<8>(p, r0, r1);
   }
 }
 
@@ -367,20 +593,31 @@ void prepare_x(const float* x, int64_t M, int64_t K, int64_t G, XPrep& out, int6
 void gemv(int bits, const uint8_t* w, const void* s, const void* z, bool half_scales,
           const float* bias, const float* x, float* y, int64_t M, int64_t K, int64_t N,
           int64_t G) {
-  Problem p{};
-  p.w = w, p.s = s, p.z = z, p.half_scales = half_scales, p.bias = bias, p.x = x, p.y = y;
-  p.M = M, p.K = K, p.N = N, p.G = G, p.ng = K / G, p.row_bytes = K * bits / 8;
-  p.end = w + N * p.row_bytes;
-  thread_local XPrep prep;
-  switch (bits) {
-    case 2: prepare_x<2>(x, M, K, G, prep, p.nb); break;
-    case 3: prepare_x<3>(x, M, K, G, prep, p.nb); break;
-    case 4: prepare_x<4>(x, M, K, G, prep, p.nb); break;
-    case 8: prepare_x<8>(x, M, K, G, prep, p.nb); break;
+  const Matrix m{w, s, z, bias, y, N};
+  gemv_many(bits, &m, 1, half_scales, x, M, K, G);
+}
+
+// gemv for several matrices that read the same x: x prepared once, one parallel loop over the
+// rows of all of them (row i of the concatenation belongs to the matrix whose range holds it).
+void gemv_many(int bits, const Matrix* mats, int64_t count, bool half_scales, const float* x,
+               int64_t M, int64_t K, int64_t G) {
+  Problem shared{};
+  shared.half_scales = half_scales;
+  prepare(bits, x, M, K, G, shared);
+  std::vector<Problem> ps(count, shared);
+  std::vector<int64_t> start(count + 1, 0);
+  for (int64_t i = 0; i < count; ++i) {
+    Problem& p = ps[i];
+    p.w = mats[i].w, p.s = mats[i].s, p.z = mats[i].z, p.bias = mats[i].bias, p.y = mats[i].y;
+    p.N = mats[i].N, p.end = p.w + p.N * p.row_bytes;
+    start[i + 1] = start[i] + p.N;
   }
-  p.xr = prep.xr.data(), p.xsum = prep.xsum.data();
-  p.gidx = prep.gidx.data(), p.base = prep.base.data();
-  run(p, bits, /*dequant=*/false);
+  at::parallel_for(0, start[count], grain(start[count], shared.row_bytes), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t a = std::max(r0, start[i]), b = std::min(r1, start[i + 1]);
+      if (a < b) gemv_range(ps[i], bits, a - start[i], b - start[i]);
+    }
+  });
 }
 
 // out (N, K) = (q - z) * s, bit-identical to lmpress.quant.pack.dequantize_packed.
@@ -396,8 +633,10 @@ void dequant(int bits, const uint8_t* w, const void* s, const void* z, bool half
 int max_rows() { return kMaxRows; }
 
 const char* simd() {
-#ifdef LMP_AVX512
+#if defined(LMP_AVX512)
   return "avx512-vbmi";
+#elif defined(LMP_AVX2)
+  return "avx2";
 #else
   return "portable";
 #endif

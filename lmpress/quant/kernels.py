@@ -8,6 +8,11 @@
   registers, so batch-1 decode runs near memory speed on ~4.5 instead of 32 bits per weight;
 * more rows (prefill): the C++ kernel dequantizes to a float32 matrix and ``F.linear`` multiplies.
 
+The products run as PyTorch operators, ``torch.ops.lmpress.qmatmul`` and ``qmatmul_many`` (several
+matrices that read the same x, one call; see :mod:`.fuse`), with fake implementations, so
+``torch.compile(fullgraph=True)`` traces a quantized model without graph breaks. The kernels use
+AVX-512 VBMI or AVX2 + FMA + F16C when the CPU has them (:func:`backend_name`).
+
 The extension is compiled on first use (never at import) by :func:`lmpress.cext.load_extension`
 as ``lmpress_qgemv_<digest of the sources and flags>`` and cached in ``~/.cache/lmpress/ext`` (see
 there); the first call takes ~15 s (two translation units, compiled in parallel).
@@ -55,19 +60,45 @@ def qmatmul(
     bias: Tensor | None = None,
 ) -> Tensor:
     """``x (..., in) @ W.T + bias -> (..., out)``, ``W = (q - z) * s`` stored by ``pack(q, bits)``."""
+    if torch.compiler.is_compiling():  # traced: the operator, one graph node
+        if _kernel_applies(x, scales, bias):
+            return torch.ops.lmpress.qmatmul.default(x, packed, scales, zeros, bits, group_size, out_features, bias)
+        return reference_qmatmul(x, packed, scales, zeros, bits, group_size, out_features, bias)
     ext = None if reference_forced() else _extension()
-    if ext is not None:  # the fast path validates in C++: this runs ~200 times per decoded token
-        try:
+    if ext is not None:  # eager: the pybind entry (a few microseconds cheaper than the dispatcher; ~200 calls a token)
+        try:  # validated in C++; None when the kernel does not cover the inputs (dtype, gradient)
             y = ext.qmatmul(x, packed, scales, zeros, bits, group_size, out_features, bias)
         except RuntimeError:
             _check(packed, scales, zeros, bits, group_size, out_features, x.shape[-1])
             raise
         if y is not None:
             return y
-    cols = x.shape[-1]
-    _check(packed, scales, zeros, bits, group_size, out_features, cols)
-    w = dequantize_packed(packed, scales, zeros, bits, group_size, (out_features, cols), x.dtype)
+    return reference_qmatmul(x, packed, scales, zeros, bits, group_size, out_features, bias)
+
+
+def reference_qmatmul(x, packed, scales, zeros, bits, group_size, out_features, bias=None) -> Tensor:
+    """The plain path: :func:`.pack.dequantize_packed` then ``F.linear`` (traceable, differentiable)."""
+    _check(packed, scales, zeros, bits, group_size, out_features, x.shape[-1])
+    w = dequantize_packed(packed, scales, zeros, bits, group_size, (out_features, x.shape[-1]), x.dtype)
     return F.linear(x, w, bias)
+
+
+def _kernel_applies(x: Tensor, scales: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``lmpress::qmatmul`` computes this call: the extension is built and allowed, x is a
+    non-empty float32 CPU tensor, scales are float16 / float32, and no gradient is to be tracked
+    (the kernel has no backward)."""
+    if not kernel_ready() or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+        return False
+    if scales.dtype not in _KERNEL_DTYPES or (bias is not None and bias.dtype != torch.float32):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+@torch.compiler.assume_constant_result
+def kernel_ready() -> bool:
+    """:func:`available`, read once per compiled graph by ``torch.compile`` (a constant there: set
+    ``LMPRESS_NO_KERNEL`` before the first compiled call)."""
+    return available()
 
 
 def dequantize_fast(
@@ -95,7 +126,7 @@ def available() -> bool:
 
 
 def backend_name() -> str:
-    """``"cpp-avx512-vbmi"``, ``"cpp-portable"`` or ``"reference"`` (compiles on the first call)."""
+    """``"cpp-avx512-vbmi"``, ``"cpp-avx2"``, ``"cpp-portable"`` or ``"reference"`` (compiles on the first call)."""
     return f"cpp-{_extension().simd()}" if available() else "reference"
 
 
@@ -125,8 +156,25 @@ def _check(packed, scales, zeros, bits, group_size, out, cols) -> None:
 
 
 def _extension():
-    """The qgemv extension (built on the first call), or None when it cannot be built."""
-    return _build(EXTENSION_NAME, _SOURCES)
+    """The qgemv extension (built on the first call, its operators registered with their fake
+    implementations), or None when it cannot be built."""
+    ext = _build(EXTENSION_NAME, _SOURCES)
+    if ext is not None:
+        _register_fakes()
+    return ext
+
+
+@functools.cache
+def _register_fakes() -> None:
+    """Shape-only implementations of ``lmpress::qmatmul`` / ``qmatmul_many`` for torch.compile."""
+
+    @torch.library.register_fake("lmpress::qmatmul")
+    def _(x, packed, scales, zeros, bits, group_size, out_features, bias):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("lmpress::qmatmul_many")
+    def _(x, packed, scales, zeros, bits, group_size, out_features, bias):
+        return [x.new_empty((*x.shape[:-1], n)) for n in out_features]
 
 
 def gptq_extension():

@@ -42,9 +42,10 @@ class QuantLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.qmatmul(x.float(), self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                            self.out_features, self.bias)
-        return y.to(x.dtype)
+        if x.dtype != torch.float32:  # the kernel computes in float32
+            return self.forward(x.float()).to(x.dtype)
+        return kernels.qmatmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                               self.out_features, self.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) this layer computes with (reference path)."""
