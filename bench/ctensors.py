@@ -81,7 +81,7 @@ def lm_eval_acc(model, tok):
     try:
         return evaluate_lm_eval(model, tok, TASK, limit=TASK_LIMIT)["lm_eval_acc"]
     except Exception as e:  # the harness missing or a task that cannot load: say so in the table
-        return f"n/a ({type(e).__name__})"
+        return f"n/a ({type(e).__name__}: {str(e)[:120]})"
 
 
 def setting_row(label, opts, fm, tok, calib, stream, tmp) -> dict:
@@ -156,16 +156,17 @@ def report(rows: dict, float_ppl: float, args) -> str:
     def f(x, nd=3):
         return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
-    table = []
+    table, notes = [], set()
     readme = rows.get("README")
     for label, r in rows.items():
         if label == "README":
             continue
         ours = r["lmpress"]
+        notes.update(v for v in (r.get("lmpress_lm_eval"), r.get("transformers_lm_eval")) if isinstance(v, str))
         table.append([label, f(ours["perplexity"]), f(ours["kl"], 4), f(r.get("transformers_ppl")),
                       r["transformers_how"] if "transformers_ppl" in r else f"does not load: {r['transformers_how']}",
                       f"{r['transformers_gap']:.1e}" if "transformers_gap" in r else "-",
-                      f(r.get("lmpress_lm_eval")), f(r.get("transformers_lm_eval")),
+                      *(("n/a" if isinstance(v, str) else f(v)) for v in (r.get("lmpress_lm_eval"), r.get("transformers_lm_eval"))),
                       f(r["peer"].get("perplexity")) if r.get("peer") else "-",
                       f(r["peer"].get("kl"), 4) if r.get("peer") else "-"])
     head = ["setting (GPTQ)", "lmpress ppl", "lmpress KL", "transformers ppl", "transformers load",
@@ -177,7 +178,8 @@ def report(rows: dict, float_ppl: float, args) -> str:
             f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
             f"model. lm-eval: {TASK_LIMIT} items of {TASK} through lm-evaluation-harness's HFLM on the in-memory model "
             "('-': the harness is not installed). Machine: " + environment() + ". " + provenance(rows) + "\n\n"
-            + md_table(head, table) + "\n\n" + (readme_report(readme) if readme else ""))
+            + md_table(head, table) + "\n\n" + "".join(f"- lm-eval: {n}\n" for n in sorted(notes))
+            + (readme_report(readme) if readme else ""))
 
 
 def main() -> None:

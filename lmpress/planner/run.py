@@ -287,10 +287,10 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     import copy
 
     from .. import recipe as rc
-    from ..api import _path_of, evaluate
+    from ..api import evaluate
     from ..data import prepare
     from ..evaluate import tensor_bytes
-    from ..io import check_output, load_model
+    from ..io import check_output, load_model, model_input_path
     from .confirm import recipe_for
 
     budget = parse_budget(budget) if budget is not None else None
@@ -301,7 +301,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     spec = None if hasattr(model, "config") else model
     model_spec = str(spec) if spec is not None else (None if model is not None else "smollm2-135m")
     if out is not None:
-        check_output(out, overwrite=overwrite, inputs=[_path_of(spec), data.corpus])
+        check_output(out, overwrite=overwrite, inputs=[model_input_path(spec) if (spec is not None or model is None) else None, data.corpus])
     if spec is not None or model is None:
         model, tokenizer = load_model(spec)
     t_start = time.perf_counter()
