@@ -177,7 +177,8 @@ def report(rows: dict, float_ppl: float, args) -> str:
             f"`--only LABEL`; cached in out/ctensors.json). Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
             f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
             f"model. lm-eval: {TASK_LIMIT} items of {TASK} through lm-evaluation-harness's HFLM on the in-memory model "
-            "('-': the harness is not installed). Machine: " + environment() + ". " + provenance(rows) + "\n\n"
+            "('-': the harness is not installed). Written: " + environment() + ". "
+            + (provenance(rows) or f"Rows measured at commit {next(iter(rows.values())).get('commit', '?')}.") + "\n\n"
             + md_table(head, table) + "\n\n" + "".join(f"- lm-eval: {n}\n" for n in sorted(notes))
             + (readme_report(readme) if readme else ""))
 
