@@ -201,8 +201,6 @@ def compress(
 
 def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream, allow_pickle, trust_remote_code):
     """``(skeleton, report)`` of a streamed run when ``stream`` or the memory budget asks for one, else None."""
-    import json
-
     from . import formats
     from . import stream as st
     from .data import prepare
