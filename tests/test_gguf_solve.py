@@ -43,6 +43,23 @@ def test_gptq_beats_rtn_on_the_same_grid(gtype, act_order):
 
 
 @pytest.mark.parametrize("gtype", list(ggml.TYPES))
+def test_scale_refit_keeps_codes_and_lowers_the_output_error(gtype):
+    """refit_scales: the same codes, stored-precision parameters that gguf reads back exactly, and a
+    layer error no larger in any row (smaller over the layer) than the sweep's own scales gave."""
+    W, H = _layer(2)
+    bq = gptq_solve_ggml(W, inverse_hessian(H, 0.01, True), gtype, torch.diag(H))
+    r = ggml.refit_scales(bq, W, H)
+    assert r.q.equal(bq.q) and (r.sc is None or r.sc.equal(bq.sc)) and (r.mn is None or r.mn.equal(bq.mn))
+    assert r.d.equal(r.d.half().float()) and (r.m is None or r.m.equal(r.m.half().float()))
+    got = gguf.quants.dequantize(ggml.encode(r), gguf.GGMLQuantizationType[gtype])
+    assert np.array_equal(got, ggml.dequantize(r).numpy())
+    before, after = ggml.dequantize(bq) - W, ggml.dequantize(r) - W
+    per_row = lambda D: ((D @ H) * D).sum(1)  # noqa: E731
+    assert (per_row(after) <= per_row(before) * (1 + 1e-5) + 1e-9).all()
+    assert _herr(W, ggml.dequantize(r), H) < _herr(W, ggml.dequantize(bq), H)
+
+
+@pytest.mark.parametrize("gtype", list(ggml.TYPES))
 def test_solved_bytes_read_back_bit_for_bit(gtype):
     """gguf's own dequantizer reads the solver's values exactly, and the parameters are stored values."""
     W, H = _layer(1)

@@ -445,6 +445,47 @@ def fit(w: Tensor, gtype: str, importance: Tensor | None = None) -> BlockQuant:
     return BlockQuant(gtype, nearest_codes(w, BlockQuant(gtype, w, **p)), **p)
 
 
+def _objective(M: Tensor, rhs: Tensor, x: Tensor) -> Tensor:
+    """``x^T M x - 2 rhs^T x`` per row: the output error up to a constant."""
+    return (x[:, None, :] @ M @ x[:, :, None])[:, 0, 0] - 2 * (rhs * x).sum(-1)
+
+
+def refit_scales(bq: BlockQuant, w: Tensor, H: Tensor, *, chunk: int = 64) -> BlockQuant:
+    """The codes of ``bq`` kept, each (super-)block's ``d`` (and ``m`` / ``dmin``) solved again by least
+    squares in the layer's output error ``tr((w - ŵ) H (w - ŵ)^T)`` (``H`` (in, in): the Hessian X X^T).
+
+    ``ŵ`` is linear in them: ``d * level(q) * sc`` plus ``m`` (Q4_1, Q5_1) or ``-dmin * mn`` (K types
+    with mins), the integer sub-block scales ``sc``/``mn`` fixed. Per row that is a (P*B, P*B) system
+    (B blocks, P = 1 or 2 parameters each), solved exactly with a tiny ridge towards the old values, then
+    rounded to fp16; a row keeps its old parameters where the rounded solution is not better.
+    """
+    t = bq.type
+    out, cols = bq.q.shape
+    B, n = cols // t.block, t.block
+    lv = levels(t)[bq.q.long()].reshape(out, B, t.n_sub, t.sub)
+    bases = [(lv if bq.sc is None else lv * bq.sc.float()[..., None]).reshape(out, B, n)]
+    if bq.m is not None:
+        bases.append((torch.ones_like(lv) if bq.mn is None else -bq.mn.float()[..., None].expand_as(lv)).reshape(out, B, n))
+    H = H.float()
+    Hb = H.reshape(B, n, B, n)
+    HW = (w.float() @ H).reshape(out, B, n)
+    x_all = torch.cat([bq.d] + ([bq.m] if bq.m is not None else []), 1).float()
+    eye = torch.eye(x_all.shape[1])
+    for r0 in range(0, out, chunk):
+        r = slice(r0, min(out, r0 + chunk))
+        Ls = [L[r] for L in bases]
+        Gs = [torch.einsum("bick,rck->rbic", Hb, L) for L in Ls]  # (R, B, n, B): H times each basis
+        M = torch.cat([torch.cat([torch.einsum("rbi,rbic->rbc", La, G) for G in Gs], 2) for La in Ls], 1)
+        rhs = torch.cat([(La * HW[r]).sum(-1) for La in Ls], 1)
+        x0 = x_all[r]
+        mu = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(1e-30)
+        x = fp16_round(torch.linalg.solve(M + mu[..., None] * eye, rhs + mu * x0))
+        better = torch.isfinite(x).all(-1) & (_objective(M, rhs, x) < _objective(M, rhs, x0))
+        x_all[r] = torch.where(better[:, None], x, x0)
+    d, m = x_all[:, :B].contiguous(), (x_all[:, B:].contiguous() if bq.m is not None else None)
+    return BlockQuant(bq.gtype, bq.q, d, m, bq.sc, bq.mn)
+
+
 # ---- bytes (layouts of ggml-common.h) ----
 
 def _pack(q: np.ndarray, H: int, S: int, W: int, bits: int) -> np.ndarray:

@@ -53,6 +53,9 @@ class GPTQConfig(QuantConfig):
     calib_dtype: dtype of the calibration passes (block forwards and Hessian products); the weights
         and the GPTQ solve stay in float32. "bfloat16" (default) is about 3x faster on CPUs with bf16
         units; "float32" for full-precision passes.
+    scale_refit (llama.cpp grids only): after the sweep has chosen the codes, each block's fp16 scale
+        (and min) is solved again by least squares in the layer's output error
+        (:func:`lmpress.quant.ggml.refit_scales`); it never makes a layer's error larger.
     """
 
     method: ClassVar[str] = "gptq"
@@ -63,6 +66,7 @@ class GPTQConfig(QuantConfig):
     sequential: bool = False
     clip_search: bool = True
     calib_dtype: str = "auto"  # resolved when the config is made: bfloat16 on CPUs with bf16 units, else float32
+    scale_refit: bool = True  # llama.cpp grids (--format gguf:TYPE): block scales re-solved for the chosen codes
 
     def __post_init__(self):
         super().__post_init__()
@@ -224,6 +228,19 @@ def gptq_solve_ggml(W: Tensor, hinv: InverseHessian, gtype: str, importance: Ten
     return ggml.BlockQuant(gtype, q, **params)
 
 
+def _solve_ggml(W: Tensor, hinv: InverseHessian, gtype: str, H: Tensor, cfg: GPTQConfig):
+    from . import ggml
+
+    bq = gptq_solve_ggml(W, hinv, gtype, torch.diag(H), block_size=cfg.block_size)
+    if not cfg.scale_refit:
+        return bq
+    Hd = H.float().clone()  # the damped Hessian the sweep solved with, dead inputs as it saw them
+    Hd[hinv.dead, :] = 0
+    Hd[:, hinv.dead] = 0
+    Hd.diagonal().add_(hinv.damp * torch.diag(Hd).mean())
+    return ggml.refit_scales(bq, W.float().masked_fill(hinv.dead, 0.0), Hd)
+
+
 def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
     """Quantize every block linear of ``model`` in place with GPTQ on ``ctx.calib``."""
     from ..calib import walk_blocks
@@ -250,8 +267,7 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
         Ws = {n: arch.linear_weight(bctx.linears[n]).detach().float() for n in names}
         with _sweep_threads(False):
             hinv = inverse_hessian(H, cfg.damp, cfg.act_order)
-            solved = {t: gptq_solve_ggml(torch.cat([Ws[n] for n in ns]), hinv, t, torch.diag(H), block_size=cfg.block_size)
-                      for t, ns in by_type.items()}
+            solved = {t: _solve_ggml(torch.cat([Ws[n] for n in ns]), hinv, t, H, cfg) for t, ns in by_type.items()}
         for t, ns in by_type.items():
             for n, bq in zip(ns, ggml.split_rows(solved[t], [Ws[n].shape[0] for n in ns])):
                 full, Wq = f"{bctx.name}.{n}", ggml.dequantize(bq)
