@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurement")
     p.add_argument("--compiled-decode", action="store_true",
                    help="measure decode with a static KV cache and torch.compile (transformers' fast path; compiles first)")
-    p.add_argument("--task", default=None, help="zero-shot multiple-choice task: social_iqa, strategyqa, ... or a BIG-bench task.json")
+    p.add_argument("--task", default=None, help="zero-shot multiple-choice task: wiki_cloze (built in, offline), a BIG-bench task.json, "
+                   "or social_iqa, strategyqa, ... (BIG-bench, only where lmpress's cache already holds them)")
     p.add_argument("--task-limit", type=int, default=200, help="items of the task to score (default 200)")
     p.add_argument("--lm-eval", metavar="TASK", default=None,
                    help="also score TASK (as --task) through lm-evaluation-harness on the loaded model (extra: lmpress[lm-eval])")

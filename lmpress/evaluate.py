@@ -117,23 +117,42 @@ class MCResult:
     items: int
 
 
-def choice_loglik(model, tokenizer, prompt: str, choice: str) -> float:
-    """log p(choice | prompt), summed over the choice's tokens."""
+def choice_logliks(model, tokenizer, prompt: str, choices: list[str]) -> list[float]:
+    """log p(choice | prompt) of each choice, summed over its tokens.
+
+    The prompt runs once; its KV cache, repeated per choice, serves one batched forward of the choices
+    (right-padded: a causal model's logits at a real position never see the padding after it). The
+    logits are the ones a forward of ``prompt + choice`` gives (up to float rounding; tested).
+    """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(choice, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p + c])
+    cs = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    width = max(map(len, cs))
+    rows = torch.tensor([c + [c[-1]] * (width - len(c)) for c in cs])
+    import inspect
+
+    # transformers 5.25 renamed the argument and the output field past_key_values -> cache
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        logp = torch.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), -1)
-    tgt = ids[0, len(p) :]
-    return logp[len(p) - 1 :].gather(-1, tgt[:, None]).sum().item()
+        out = model(torch.tensor([p]), use_cache=True)
+        cache = out[key]
+        cache.batch_repeat_interleave(len(cs))
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each choice's first token
+        logp = torch.log_softmax(model(rows, use_cache=True, **{key: cache}).logits.float(), -1)
+    return [first[c[0]].item() + logp[i, : len(c) - 1].gather(-1, torch.tensor(c[1:])[:, None]).sum().item()
+            for i, c in enumerate(cs)]
+
+
+def choice_loglik(model, tokenizer, prompt: str, choice: str) -> float:
+    """log p(choice | prompt), summed over the choice's tokens."""
+    return choice_logliks(model, tokenizer, prompt, [choice])[0]
 
 
 def multiple_choice(model, tokenizer, items, *, progress=False) -> MCResult:
     """Zero-shot accuracy. ``items``: dicts with ``prompt``, ``choices`` (list[str]), ``answer`` (int)."""
     hits = hits_norm = 0
     for it in bar(items, desc="multiple choice", enabled=progress):
-        ll = [choice_loglik(model, tokenizer, it["prompt"].rstrip(), " " + c.strip()) for c in it["choices"]]
+        ll = choice_logliks(model, tokenizer, it["prompt"].rstrip(), [" " + c.strip() for c in it["choices"]])
         norm = [v / max(1, len(c.strip()) + 1) for v, c in zip(ll, it["choices"])]
         hits += int(max(range(len(ll)), key=ll.__getitem__) == it["answer"])
         hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == it["answer"])

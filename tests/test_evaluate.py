@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import KINDS, tiny_model
 
 ev = importlib.import_module("lmpress.evaluate")  # the module (lmpress.evaluate is the API function)
 
@@ -70,6 +70,23 @@ def test_multiple_choice_prefers_learned_continuation(byte_tok):
     lb = ev.choice_loglik(model, byte_tok, "abc", " y")
     res = ev.multiple_choice(model, byte_tok, items)
     assert res.items == 1 and res.acc == float(la > lb)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_choices_score_as_one_at_a_time(byte_tok, kind):
+    """Choices of different lengths after one shared prompt: each scores what a forward of it alone gives."""
+    model = tiny_model(kind)
+    choices = [" x", " longer choice", " yz"]
+    together = ev.choice_logliks(model, byte_tok, "a prompt", choices)
+    ids_alone = []
+    for c in choices:
+        p = [byte_tok.bos_token_id] + byte_tok("a prompt", add_special_tokens=False)["input_ids"]
+        ids = p + byte_tok(c, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        ids_alone.append(sum(lp[i - 1, ids[i]].item() for i in range(len(p), len(ids))))
+    assert together == pytest.approx(ids_alone, abs=1e-4)
+    assert len(set(together)) == 3
 
 
 def test_speed_and_sizes_are_positive():
