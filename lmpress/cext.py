@@ -9,7 +9,7 @@
   different sources rebuild (and load) each other's kernel.
 
 :func:`load_extension` therefore builds in a private folder per source content,
-``<root>/<name>_<digest>`` (``digest``: the sources' bytes, the compile and link flags, the torch
+``<root>/<name>_<digest>`` (``digest``: the sources' bytes and the headers beside them, the compile and link flags, the torch
 and Python versions), with ``root`` = ``$TORCH_EXTENSIONS_DIR`` if set, else
 ``$LMPRESS_CACHE/ext`` (default ``~/.cache/lmpress/ext``). Builders of one folder take an
 ``fcntl.flock`` on ``<folder>.lock`` first: the kernel drops that lock when its owner dies, and a
@@ -59,7 +59,8 @@ def build_folder(name: str, sources: list[Path], cflags: list[str], ldflags: lis
     h = hashlib.sha256()
     for part in (torch.__version__, sys.implementation.cache_tag, *cflags, "|", *ldflags, "|"):
         h.update(part.encode() + b"\0")
-    for src in sources:
+    headers = sorted({hd for src in sources for hd in Path(src).parent.glob("*.h")})  # what the sources include
+    for src in [*sources, *headers]:
         h.update(Path(src).name.encode() + b"\0" + Path(src).read_bytes() + b"\0")
     return cache_root() / f"{name}_{h.hexdigest()[:12]}"
 

@@ -71,6 +71,20 @@ def test_two_installs_build_apart_and_never_rebuild_each_other(tmp_path, cache):
     assert so_a.stat().st_mtime_ns == built_a  # b's build left a's alone
 
 
+def test_a_header_that_a_source_includes_changes_the_build(tmp_path, cache):
+    """A header beside the sources takes part in the digest: editing it builds anew, with the new value."""
+    from lmpress.cext import build_folder, load_extension
+
+    folder = tmp_path / "h"
+    src = _source(folder, 0)
+    src.write_text('#include "value.h"\n' + TINY)  # VALUE comes from the header
+    (folder / "value.h").write_text("#define VALUE 3\n")
+    before = build_folder("lmpress_t", [src], [], [])
+    assert load_extension("lmpress_t", [src], [], []).value == 3
+    (folder / "value.h").write_text("#define VALUE 4\n")
+    assert build_folder("lmpress_t", [src], [], []) != before
+
+
 def test_stale_torch_lock_in_a_built_folder_does_not_block(tmp_path, cache):
     from lmpress.cext import build_folder, load_extension
 

@@ -42,6 +42,8 @@
 #include <cstring>
 #include <vector>
 
+#include "qgemv_kernel.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #define LMP_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -52,16 +54,6 @@ namespace lmpress_kernel {
 
 constexpr int kMaxRows = 8;  // rows of x the fused kernel takes in one pass
 
-struct Matrix {  // one packed matrix of a gemv_many call and where its output goes
-  const uint8_t* w;
-  const void* s;
-  const void* z;
-  const float* bias;
-  float* y;
-  int64_t N;
-};
-void gemv_many(int bits, const Matrix* mats, int64_t count, bool half_scales, const float* x,
-               int64_t M, int64_t K, int64_t G);
 
 namespace {
 
