@@ -11,7 +11,8 @@ compressed-tensors folder (``format="compressed-tensors"``), which is then evalu
   upstream limit of transformers 5.x + compressed-tensors 0.20, and not at all when they mix
   settings), with lmpress's perplexity protocol on the same 4,096 evaluation tokens, and the largest
   |logit difference| from lmpress's in-memory model over all evaluation windows,
-* by lm-evaluation-harness (``lmpress.lmeval``, when installed) on one packaged task,
+* by lm-evaluation-harness (``lmpress.lmeval``, when installed) on the built-in task ``wiki_cloze``
+  (100 items), run on the model plain transformers loaded, beside lmpress's own scorer on lmpress's load,
 
 and llm-compressor's own compressed-tensors output for the same setting (``--compressed``) is read
 by lmpress and measured the same way. The row ``README`` runs the README's first command itself
@@ -43,7 +44,7 @@ SETTINGS = {
     "W3 g64 asym": ({"bits": 3, "group_size": 64}, "gptq-w3g64-asym"),
     "W3 g64 sym": ({"bits": 3, "group_size": 64, "sym": True}, None),
 }
-TASK, TASK_LIMIT = "social_iqa", 100
+TASK, TASK_LIMIT = "wiki_cloze", 100
 README_CMD = ["compress", "--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--head-bits", "8"]
 
 
@@ -84,6 +85,14 @@ def lm_eval_acc(model, tok):
         return f"n/a ({type(e).__name__}: {str(e)[:120]})"
 
 
+def own_acc(model, tok) -> float:
+    """lmpress's own scorer (evaluate.multiple_choice) on the same items as the harness."""
+    from lmpress.evaluate import multiple_choice
+    from lmpress.tasks import load_task
+
+    return multiple_choice(model, tok, load_task(TASK, TASK_LIMIT)).acc
+
+
 def setting_row(label, opts, fm, tok, calib, stream, tmp) -> dict:
     import lmpress
     from lmpress.evaluate import perplexity
@@ -104,7 +113,7 @@ def setting_row(label, opts, fm, tok, calib, stream, tmp) -> dict:
         row["transformers_lm_eval"] = lm_eval_acc(hf, tok)
         del hf
     row["lmpress_gap"] = logits_gap(ours, q, stream, tok.bos_token_id)
-    row["lmpress_lm_eval"] = lm_eval_acc(ours, tok)
+    row["lmpress_lm_eval"] = own_acc(ours, tok)
     return row
 
 
@@ -170,14 +179,15 @@ def report(rows: dict, float_ppl: float, args) -> str:
                       f(r["peer"].get("perplexity")) if r.get("peer") else "-",
                       f(r["peer"].get("kl"), 4) if r.get("peer") else "-"])
     head = ["setting (GPTQ)", "lmpress ppl", "lmpress KL", "transformers ppl", "transformers load",
-            "max abs logit diff", f"lm-eval {TASK} acc (lmpress)", "lm-eval acc (transformers)",
+            "max abs logit diff", f"{TASK} acc: lmpress scorer, lmpress's load", "lm-eval harness, transformers' load",
             "llm-compressor folder read by lmpress: ppl", "its KL"]
     return (f"## compressed-tensors: one folder, three evaluators; llm-compressor's folder read by lmpress\n\n"
             f"Command: `flock /tmp/lmpress-heavy.lock python bench/ctensors.py` (rows can be measured one at a time with "
             f"`--only LABEL`; cached in out/ctensors.json). Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
             f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
-            f"model. lm-eval: {TASK_LIMIT} items of {TASK} through lm-evaluation-harness's HFLM on the in-memory model "
-            "('-': the harness is not installed). Written: " + environment() + ". "
+            f"model. {TASK}: the first {TASK_LIMIT} items of lmpress's built-in cloze task (held-out Wikipedia text), "
+            "scored by lmpress's own multiple-choice scorer on the folder as lmpress loads it and by lm-evaluation-harness "
+            "(HFLM) on the folder as plain transformers loads it ('-': the folder does not load there). Written: " + environment() + ". "
             + (provenance(rows) or f"Rows measured at commit {next(iter(rows.values())).get('commit', '?')}.") + "\n\n"
             + md_table(head, table) + "\n\n" + "".join(f"- lm-eval: {n}\n" for n in sorted(notes))
             + (readme_report(readme) if readme else ""))
