@@ -350,7 +350,8 @@ def _save_gguf(model, out, tokenizer, format: str, metadata: dict, overwrite: bo
         raise InputError(f"this model was solved on llama.cpp's {solved_as} grids, not {name}: export it with "
                          f"--format gguf:{solved_as}, or run lmpress compress again with --format gguf:{name}")
     last = steps[-1] if steps else {}
-    types = gguf_mix.plan(model, name, imatrix=False, embed=last.get("gguf_embed"), output=last.get("gguf_output"))
+    types = gguf_mix.plan(model, name, imatrix=False, embed=last.get("gguf_embed"), output=last.get("gguf_output"),
+                          overrides=tuple(last.get("overrides") or ()))
     fg.write_gguf(model, tokenizer, out, name, metadata, types=types)
     return out
 

@@ -108,19 +108,31 @@ def test_cli_eval_engine_llama_cpp(tmp_path, capsys):
     assert "llama.cpp" in printed and "lmpress (dequantized, PyTorch)" in printed
 
 
-@pytest.mark.parametrize("method,gtype", [("gptq", "Q4_0"), ("gptq", "IQ4_NL"), ("gptq", "Q4_K_M"), ("gptq", "Q3_K_S"),
-                                          ("gptq", "Q2_K"), ("gptq", "Q6_K"), ("awq", "Q5_0")])
-def test_llama_cpp_runs_the_solved_model(tmp_path, method, gtype):
-    """A model solved on llama.cpp's grids (GPTQ's codes, searched scales) runs in llama.cpp as lmpress computes it."""
+MIX = ({"pattern": r"layers\.0\.mlp\.down_proj", "gguf": "Q8_0"}, {"pattern": r"self_attn\.(q|k)_proj", "gguf": "IQ4_NL"},
+       {"pattern": r"layers\.1\.mlp", "gguf": "Q5_K"})
+
+
+@pytest.mark.parametrize("method,gtype,overrides", [("gptq", "Q4_0", ()), ("gptq", "IQ4_NL", ()), ("gptq", "Q4_K_M", ()),
+                                                    ("gptq", "Q3_K_S", ()), ("gptq", "Q2_K", ()), ("gptq", "Q6_K", ()),
+                                                    ("awq", "Q5_0", ()), ("gptq", "Q4_0", MIX)])
+def test_llama_cpp_runs_the_solved_model(tmp_path, method, gtype, overrides):
+    """A model solved on llama.cpp's grids (GPTQ's codes, searched scales; a mix by overrides too) runs in
+    llama.cpp as lmpress computes it."""
     from lmpress.api import apply_
     from lmpress.recipe import make_config
 
     model, tok = tiny_llama(hidden=256, inter=512, init=0.02), bpe_tokenizer()
     text = "the quick brown fox jumps over the lazy dog. a model compressed is a model measured. " * 40
     ids = torch.tensor(tok.encode(text)[:256]).reshape(4, 64)
-    apply_(model, make_config(method, gguf=gtype), ids, progress=False)
+    apply_(model, make_config(method, gguf=gtype, overrides=overrides), ids, progress=False)
     path = tmp_path / f"m.{gtype}.gguf"
     write_gguf(model, tok, path, gtype, {}, pre="default", types={})
+    if overrides:
+        import gguf
+
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+        assert (types["blk.0.ffn_down.weight"], types["blk.1.attn_q.weight"], types["blk.1.ffn_gate.weight"],
+                types["blk.0.ffn_up.weight"]) == ("Q8_0", "IQ4_NL", "Q5_K", "Q4_0")
     ids = tok.encode("the quick brown fox jumps over")
     llm = llama_cpp.Llama(str(path), logits_all=True, n_threads=1, n_ctx=64, verbose=False)
     llm.eval(ids)

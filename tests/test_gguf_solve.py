@@ -129,6 +129,13 @@ def test_config_refuses_what_contradicts_the_type():
         make_config("rtn", gguf="Q4_K_M", group_size=128)
     with pytest.raises(InputError, match="need gguf"):
         make_config("awq", gguf_embed="Q8_0")
+    with pytest.raises(InputError, match="need gguf"):
+        make_config("rtn", overrides=[{"pattern": "down_proj", "gguf": "Q8_0"}])
+    with pytest.raises(InputError, match="overrides without a gguf type"):
+        make_config("gptq", gguf="Q4_0", overrides=[{"pattern": "down_proj", "bits": 8}])
+    with pytest.raises(InputError, match="not a ggml block type"):
+        make_config("gptq", gguf="Q4_0", overrides=[{"pattern": "down_proj", "gguf": "Q7_0"}])
+    assert make_config("gptq", gguf="Q4_0", overrides=[{"pattern": "down_proj", "gguf": "Q8_0"}]).overrides[0]["gguf"] == "Q8_0"
 
 
 # ---- end to end: compress and export to .gguf ----
@@ -178,6 +185,25 @@ def test_compress_to_gguf_reads_back_the_solved_model(setup, tmp_path, method, g
     down = solved["model.layers.1.mlp.down_proj"]
     assert r["blk.1.ffn_down.weight"].tensor_type.name == down.gtype
     assert np.array_equal(np.asarray(r["blk.1.ffn_down.weight"].data).reshape(down.raw.shape), down.raw.numpy())
+
+
+def test_overrides_give_matrices_other_types_in_the_file(setup, tmp_path):
+    """A mix llama.cpp has no name for (llama-quantize's --tensor-type): the first matching override's type,
+    solved on that grid, written so, read back to the same logits; exporting the saved output keeps it."""
+    from lmpress.io import export, load_model
+
+    rules = [{"pattern": r"layers\.0\.mlp\.down_proj", "gguf": "Q8_0"}, {"pattern": r"self_attn\.(q|k)_proj", "gguf": "Q4_K"}]
+    student = _compress(setup, "gptq", "lmpress", tmp_path / "native", gguf="Q4_0", overrides=rules)
+    export(tmp_path / "native", tmp_path / "m.gguf", format="gguf:Q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    rule = gguf_mix.plan(student, "Q4_0", imatrix=True)
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" != rule["model.layers.0.mlp.down_proj.weight"]
+    assert types["blk.0.attn_q.weight"] == types["blk.1.attn_k.weight"] == "Q4_K"  # rows of 256 take a K block
+    for t, hf in [("blk.1.ffn_down", "model.layers.1.mlp.down_proj"), ("blk.0.attn_v", "model.layers.0.self_attn.v_proj"),
+                  ("blk.1.ffn_up", "model.layers.1.mlp.up_proj")]:
+        assert types[t + ".weight"] == rule[hf + ".weight"]  # the rest: llama.cpp's rule
+    loaded, tok = load_model(tmp_path / "m.gguf")
+    torch.testing.assert_close(_logits(loaded, tok), _logits(student, tok), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_compress_then_export(setup, tmp_path):

@@ -27,6 +27,10 @@ class QuantConfig:
         (:mod:`lmpress.quant.gguf_mix`); bits, group_size, sym and overrides then do not apply.
     gguf_embed, gguf_output: the type of the token embedding / output head (llama-quantize's
         --token-embedding-type / --output-tensor-type); None: llama.cpp's rule (Q8_0 or Q6_K).
+        With ``gguf``, ``overrides`` give matching matrices another ggml type instead of the rule's
+        (llama-quantize's --tensor-type; a mix llama.cpp has no name for, e.g. a plan's allocation):
+        ``({"pattern": r"layers\\.(0|29)\\.mlp\\.down_proj", "gguf": "Q6_K"},)``; a type whose block
+        does not divide the rows falls back as in llama.cpp.
     """
 
     family: ClassVar[str] = "quant"
@@ -48,9 +52,9 @@ class QuantConfig:
         for o in self.overrides:
             if "pattern" not in o:
                 raise InputError(f"override {o} needs a 'pattern' (a regex on layer names)")
-            unknown = set(o) - {"pattern", "bits", "group_size", "sym", "skip", "ternary"}
+            unknown = set(o) - {"pattern", "bits", "group_size", "sym", "skip", "ternary", "gguf"}
             if unknown:
-                raise InputError(f"override {o} has unknown keys {sorted(unknown)}; allowed: bits, group_size, sym, ternary, skip")
+                raise InputError(f"override {o} has unknown keys {sorted(unknown)}; allowed: bits, group_size, sym, ternary, skip, gguf")
             re.compile(o["pattern"])
         self.grid()  # validates bits / group size
         if self.head_bits is not None:
@@ -61,10 +65,14 @@ class QuantConfig:
         """A GGUF type excludes the options of lmpress's own grid that would contradict it."""
         from . import ggml, gguf_mix
 
+        typed = [o for o in self.overrides if "gguf" in o]
         if self.gguf is None:
-            if self.gguf_embed or self.gguf_output:
-                raise InputError("gguf_embed / gguf_output need gguf (e.g. --format gguf:Q4_K_M)")
+            if self.gguf_embed or self.gguf_output or typed:
+                raise InputError("gguf_embed / gguf_output / an override's gguf type need gguf (e.g. --format gguf:Q4_K_M)")
             return
+        for o in typed:
+            if o["gguf"] not in ggml.TYPES:
+                raise InputError(f"override {o}: {o['gguf']!r} is not a ggml block type; choose one of {', '.join(ggml.TYPES)}")
         base = ggml.TYPES[gguf_mix.FTYPES[gguf_mix.ftype(self.gguf)]]
         for f in ("gguf_embed", "gguf_output"):
             v = getattr(self, f)
@@ -72,7 +80,8 @@ class QuantConfig:
                 raise InputError(f"{f} {v!r} is not a ggml type; choose one of {', '.join(ggml.TYPES)}, F16, F32")
         clash = [f"bits={self.bits}"] if self.bits not in (4, base.bits) else []
         clash += [f"group_size={self.group_size}"] if self.group_size not in (64, base.block, base.sub) else []
-        clash += [k for k in ("ternary", "head_bits", "overrides") if getattr(self, k)]
+        clash += [k for k in ("ternary", "head_bits") if getattr(self, k)]
+        clash += ["overrides without a gguf type"] if len(typed) < len(self.overrides) or any(set(o) - {"pattern", "gguf"} for o in typed) else []
         if clash:
             raise InputError(f"gguf={self.gguf} fixes the grid of every tensor, but {', '.join(clash)} asks another; "
                              f"drop {', '.join(c.split('=')[0] for c in clash)} (or choose another GGUF type)")

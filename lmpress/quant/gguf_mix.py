@@ -131,9 +131,12 @@ def shape_of(config) -> Shape:
     return Shape(cfg.num_hidden_layers, cfg.num_attention_heads // kv, bool(getattr(cfg, "tie_word_embeddings", False)))
 
 
-def plan(model, name: str, *, imatrix: bool, embed: str | None = None, output: str | None = None) -> dict[str, str]:
+def plan(model, name: str, *, imatrix: bool, embed: str | None = None, output: str | None = None,
+         overrides: tuple = ()) -> dict[str, str]:
     """``{parameter name of model: ggml type}`` for every matrix ``model`` (Llama, Qwen2) stores in a GGUF
-    file of type ``name`` (the tied head, which the file does not store, has none)."""
+    file of type ``name`` (the tied head, which the file does not store, has none). ``overrides``: a
+    quantization config's rules; the first whose ``pattern`` matches a module name and that has a ``gguf``
+    type gives that matrix the type (falling back as llama.cpp does where its block does not fit)."""
     from torch import nn
 
     from .. import arch
@@ -147,6 +150,9 @@ def plan(model, name: str, *, imatrix: bool, embed: str | None = None, output: s
         if leaf == "weight" and (isinstance(m, nn.Embedding) or arch.is_linear(m)):
             cols = m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features
             out[hf] = tensor_type(name, g, cols, s, imatrix=imatrix, embed=embed, output=output)
+            rule = next((o for o in overrides if re.search(o["pattern"], owner)), None)
+            if rule is not None and "gguf" in rule:
+                out[hf] = ggml.fallback_type(rule["gguf"], cols)
     return out
 
 
@@ -155,7 +161,7 @@ def cfg_plan(model, cfg, *, imatrix: bool) -> dict[str, str] | None:
     plus the keys ``token_embd.weight`` and (untied) ``output.weight``; None without ``gguf``."""
     if getattr(cfg, "gguf", None) is None:
         return None
-    p = plan(model, cfg.gguf, imatrix=imatrix, embed=cfg.gguf_embed, output=cfg.gguf_output)
+    p = plan(model, cfg.gguf, imatrix=imatrix, embed=cfg.gguf_embed, output=cfg.gguf_output, overrides=cfg.overrides)
     out = {k.removesuffix(".weight"): v for k, v in p.items()}
     names = {m: n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
