@@ -197,18 +197,25 @@ class Bench:
         if self.args.no_write:
             return
         data = self.results.data
+        runs = data.setdefault("invocations", [])
+        this = "python bench/gguf.py " + " ".join(sys.argv[1:])
+        if this not in runs:
+            runs.append(this)
+        self.results.save()
         parts = [HEADER.format(env=environment(), note=self.args.note)]
         for model in data:
-            if model in ("measured_by", "speed") or not isinstance(data[model], dict):
+            if model in ("measured_by", "speed", "invocations") or not isinstance(data[model], dict):
                 continue
             parts.append(model_table(model, data[model], data.get("speed", {}).get(model)))
+        parts.append("Invocations: " + "; ".join(f"`{r}`" for r in runs) + ".")
         write_section("gguf", "\n\n".join(parts))
 
 
 HEADER = """## GGUF: llama.cpp's own quantizer vs lmpress's solvers, in the same llama.cpp types
 
-Command: `python bench/gguf.py` (default model, every type), then `python bench/gguf.py --model
-qwen2.5-coder-0.5b --types Q4_0,IQ4_NL,Q4_K_S --calib-samples 32`; llama.cpp from the vendored source of
+Commands as run (into one cache, listed below the tables); the full set is `python bench/gguf.py` (default model,
+every type, 128 x 512 calibration tokens), then `python bench/gguf.py --model qwen2.5-coder-0.5b --types
+Q4_0,IQ4_NL,Q4_K_S --calib-samples 32`; llama.cpp from the vendored source of
 `llama-cpp-python==0.3.36` (`bench/peers/build_llamacpp.sh`; the Python engine: `pip install 'lmpress[llamacpp]'`).
 Every file starts from the same float weights: llama.cpp's rows quantize an F32 GGUF that lmpress's `write_gguf`
 wrote (all tensors F32), with `llama-quantize F32.gguf out.gguf TYPE`: TYPE is a llama-quantize file type and
