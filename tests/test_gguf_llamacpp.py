@@ -29,7 +29,8 @@ from lmpress.quant import ggml  # noqa: E402
 from tests.test_gguf_writer import bpe_tokenizer, grid_model, tiny_llama  # noqa: E402
 
 
-@pytest.mark.parametrize("gtype,arch", [*[(t, "llama") for t in ggml.TYPES], ("Q4_K", "qwen2"), ("Q8_0", "qwen2")])
+@pytest.mark.parametrize("gtype,arch", [*[(t, "llama") for t in ggml.TYPES], ("Q4_K", "qwen2"), ("Q8_0", "qwen2"),
+                                        ("Q4_K", "qwen3"), ("IQ4_NL", "qwen3")])
 def test_llama_cpp_logits_match_lmpress(tmp_path, gtype, arch):
     model, tok = tiny_llama(hidden=256, inter=512, arch=arch, tied=arch == "llama", init=0.02), bpe_tokenizer()
     path = tmp_path / f"m.{gtype}.gguf"

@@ -29,10 +29,10 @@ def bpe_tokenizer(vocab_size=320):
 
 
 def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama", init=0.08):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
-    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=tied, initializer_range=init)

@@ -1,4 +1,4 @@
-"""GGUF files that llama.cpp loads and runs: Llama and Qwen2 decoders on llama.cpp's block grids.
+"""GGUF files that llama.cpp loads and runs: Llama, Qwen2 and Qwen3 decoders on llama.cpp's block grids.
 
 :func:`write_gguf` writes one ``.gguf`` file with the ``gguf`` package's ``GGUFWriter``, with the
 keys, tokenizer and tensor names llama.cpp's own converter (``convert_hf_to_gguf.py``) writes:
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..quant import ggml
 
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # HF class -> gguf architecture
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # HF class -> gguf architecture
 PERMUTE_QK = {"llama"}  # architectures whose q/k rows llama.cpp wants in its interleaved rotary order
 
 # The check text of llama.cpp's convert_hf_to_gguf.py (get_vocab_base_pre): the sha256 of the token ids
@@ -215,7 +215,7 @@ def _file_type(gtype: str) -> int:
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str, metadata: dict, *,
                embed_type: str = "Q8_0", pre: str | None = None, types: dict[str, str] | None = None) -> dict[str, str]:
-    """Write ``model`` (a float Llama or Qwen2 decoder) and its byte-level BPE ``tokenizer`` to the GGUF
+    """Write ``model`` (a float Llama, Qwen2 or Qwen3 decoder) and its byte-level BPE ``tokenizer`` to the GGUF
     file ``path``, block linears in ``gtype`` (a block type, or ``F16``/``F32``), embeddings in ``embed_type`` (a block type, ``F16`` or
     ``F32``), ``metadata`` (JSON-able, lmpress's recipe) under ``lmpress.metadata``; ``pre`` overrides
     the detected pre-tokenizer name. ``types`` (``{state-dict name: ggml type}``, e.g. llama.cpp's rule

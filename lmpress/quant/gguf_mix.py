@@ -133,7 +133,7 @@ def shape_of(config) -> Shape:
 
 def plan(model, name: str, *, imatrix: bool, embed: str | None = None, output: str | None = None,
          overrides: tuple = ()) -> dict[str, str]:
-    """``{parameter name of model: ggml type}`` for every matrix ``model`` (Llama, Qwen2) stores in a GGUF
+    """``{parameter name of model: ggml type}`` for every matrix ``model`` (Llama, Qwen2, Qwen3) stores in a GGUF
     file of type ``name`` (the tied head, which the file does not store, has none). ``overrides``: a
     quantization config's rules; the first whose ``pattern`` matches a module name and that has a ``gguf``
     type gives that matrix the type (falling back as llama.cpp does where its block does not fit)."""
