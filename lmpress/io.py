@@ -263,7 +263,8 @@ def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
     try:
         tok = _load_tokenizer(file.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(
-            file.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw
+            file.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
+            **_gguf_config(file, kw), **kw
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise InputError(f"could not load {file}: {str(e).splitlines()[0][:300]}")
@@ -274,6 +275,41 @@ def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
         del model.config.quantization_config
     model.eval()
     return model, tok
+
+
+def _gguf_config(file: Path, kw: dict) -> dict:
+    """``{"config": ...}`` where transformers' GGUF reader gets a model's config wrong, else ``{}``.
+
+    Gemma 3 (transformers 5.25): the reader ignores ``sliding_window_pattern`` (every layer becomes a
+    sliding one), ``freq_base_swa`` and the query scale (it keeps ``query_pre_attn_scalar`` 256), so a
+    file whose head size is not 256 would load silently wrong. They are set here as llama.cpp reads them."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    fields = GGUFReader(file).fields
+    if "general.architecture" not in fields or fields["general.architecture"].contents() != "gemma3":
+        return {}
+    config = AutoConfig.from_pretrained(file.parent, **kw)
+
+    def get(key, default=None):
+        f = fields.get(f"gemma3.{key}")
+        return default if f is None else f.contents()
+
+    n, heads = get("block_count"), get("attention.head_count")
+    config.query_pre_attn_scalar = config.hidden_size // heads if n == 62 else get("attention.key_length", 256)
+    if get("attention.sliding_window"):
+        pattern = get("attention.sliding_window_pattern")
+        if not isinstance(pattern, list):  # llama.cpp's default: five sliding layers, then a global one
+            period = pattern or 6
+            pattern = [(i % period) < period - 1 for i in range(n)]
+        config.layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        config.sliding_window = get("attention.sliding_window")
+        rope = dict(config.rope_parameters or {})
+        base = float(get("rope.freq_base", 1_000_000.0))
+        rope["full_attention"] = {"rope_type": "default", "rope_theta": base}
+        rope["sliding_attention"] = {"rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10_000.0))}
+        config.rope_parameters = rope
+    return {"config": config}
 
 
 def _check_gguf(file: Path) -> None:

@@ -30,14 +30,14 @@ from tests.test_gguf_writer import bpe_tokenizer, grid_model, tiny_llama  # noqa
 
 
 @pytest.mark.parametrize("gtype,arch", [*[(t, "llama") for t in ggml.TYPES], ("Q4_K", "qwen2"), ("Q8_0", "qwen2"),
-                                        ("Q4_K", "qwen3"), ("IQ4_NL", "qwen3")])
+                                        ("Q4_K", "qwen3"), ("IQ4_NL", "qwen3"), ("Q4_K", "gemma3"), ("Q6_K", "gemma3")])
 def test_llama_cpp_logits_match_lmpress(tmp_path, gtype, arch):
-    model, tok = tiny_llama(hidden=256, inter=512, arch=arch, tied=arch == "llama", init=0.02), bpe_tokenizer()
+    model, tok = tiny_llama(hidden=256, inter=512, arch=arch, tied=arch in ("llama", "gemma3"), init=0.02), bpe_tokenizer()
     path = tmp_path / f"m.{gtype}.gguf"
     write_gguf(model, tok, path, gtype, {}, pre="default")
-    ids = tok.encode("the quick brown fox jumps over")
+    ids = tok.encode("the quick brown fox jumps over the lazy dog")
     llm = llama_cpp.Llama(str(path), logits_all=True, n_threads=1, n_ctx=64, verbose=False)
-    assert llm.tokenize(b"the quick brown fox jumps over", add_bos=False, special=False) == ids
+    assert llm.tokenize(b"the quick brown fox jumps over the lazy dog", add_bos=False, special=False) == ids
     llm.eval(ids)
     got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)  # (T, V)
     llm.close()
@@ -45,7 +45,9 @@ def test_llama_cpp_logits_match_lmpress(tmp_path, gtype, arch):
         ref = grid_model(model, gtype)(torch.tensor([ids])).logits[0]
         float_logits = model(torch.tensor([ids])).logits[0]
     kl = _kl(ref, got)
-    assert kl.max() < 1e-4, kl
+    # Gemma 3 scales the embedding by sqrt(hidden) (16 here): larger activations, so llama.cpp's 8-bit
+    # activation rounding costs more (Q8_0 too: about 5e-5); a wrong layout still costs 1e-1
+    assert kl.max() < (2e-4 if arch == "gemma3" else 1e-4), kl
     if ggml.TYPES[gtype].bits <= 4:  # llama.cpp is far closer to lmpress's grid than the float model is
         assert _kl(ref, float_logits).max() > 10 * kl.max()
 

@@ -29,18 +29,22 @@ def bpe_tokenizer(vocab_size=320):
 
 
 def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama", init=0.08):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](
+    extra = {}
+    if arch == "gemma3":  # a sliding window shorter than the test prompts, so both layer kinds are exercised
+        extra = dict(head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=4, pad_token_id=0,
+                     layer_types=["sliding_attention", "full_attention"])
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[arch](
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=tied, initializer_range=init)
+        tie_word_embeddings=tied, initializer_range=init, **extra)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # norms away from 1 and biases away from 0, so a mix-up of them shows
         for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
+            if "norm" in n:  # Gemma 3's norms scale by (1 + weight): the same gains
+                p.uniform_(0.5, 1.5).sub_(1.0 if arch == "gemma3" else 0.0)
             elif n.endswith("bias"):
                 p.normal_(0, 0.5)
     return model
@@ -48,10 +52,10 @@ def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama",
 
 def grid_model(model, gtype, embed_type="Q8_0"):
     """The float model holding exactly the values a GGUF of ``model`` stores (lmpress's own dequantization)."""
-    from lmpress.formats.gguf import _tensor_types
+    from lmpress.formats.gguf import _tensor_types, architecture
     import copy
 
-    arch = gguf.MODEL_ARCH[model.config.model_type.upper()]
+    arch = gguf.MODEL_ARCH[architecture(model).upper()]
     names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     out = copy.deepcopy(model)
     with torch.no_grad():
@@ -124,3 +128,18 @@ def test_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         write_gguf(tiny_llama(), bpe_tokenizer(), tmp_path / "no" / "m.gguf", "Q8_0", {}, pre="default")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_other_architectures_read_back_with_the_same_logits(tmp_path, arch):
+    """lmpress.load_model of a Qwen3 / Gemma 3 file: the logits of the values it stores. Gemma 3 needs the
+    sliding-window layout and query scale restored, which transformers' GGUF reader drops (a head size of
+    64, not the 256 it assumes, and a window shorter than the prompt make either slip show)."""
+    from lmpress.io import load_model
+
+    model, tok = tiny_llama(hidden=256, inter=512, arch=arch, tied=arch == "gemma3", init=0.02), bpe_tokenizer()
+    write_gguf(model, tok, tmp_path / "m.gguf", "Q8_0", {}, pre="default")
+    loaded, _ = load_model(tmp_path / "m.gguf")
+    ids = torch.tensor([tok.encode("the quick brown fox jumps over the lazy dog")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, grid_model(model, "Q8_0")(ids).logits, atol=1e-4, rtol=1e-4)

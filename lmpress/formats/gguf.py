@@ -1,4 +1,4 @@
-"""GGUF files that llama.cpp loads and runs: Llama, Qwen2 and Qwen3 decoders on llama.cpp's block grids.
+"""GGUF files that llama.cpp loads and runs: Llama, Qwen2, Qwen3 and Gemma 3 decoders on llama.cpp's block grids.
 
 :func:`write_gguf` writes one ``.gguf`` file with the ``gguf`` package's ``GGUFWriter``, with the
 keys, tokenizer and tensor names llama.cpp's own converter (``convert_hf_to_gguf.py``) writes:
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..quant import ggml
 
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # HF class -> gguf architecture
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}  # HF class -> gguf architecture
 PERMUTE_QK = {"llama"}  # architectures whose q/k rows llama.cpp wants in its interleaved rotary order
 
 # The check text of llama.cpp's convert_hf_to_gguf.py (get_vocab_base_pre): the sha256 of the token ids
@@ -73,6 +73,27 @@ def permute_qk(w: Tensor, n_head: int) -> Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _gemma3_hparams(writer, cfg, head_dim: int) -> None:
+    """What llama.cpp's gemma3 graph reads beyond the common keys: the sliding-window layers, their rotary
+    base, the final soft cap; it scales queries by 1/sqrt(head_dim) (27B: by the hidden size per head)."""
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise InputError("llama.cpp's gemma3 has no attention logit soft-capping; save this model with --format hf")
+    scale_dim = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 62 else head_dim
+    if cfg.query_pre_attn_scalar != scale_dim:
+        raise InputError(f"llama.cpp's gemma3 scales queries by 1/sqrt({scale_dim}), this model by 1/sqrt("
+                         f"{cfg.query_pre_attn_scalar}) (query_pre_attn_scalar); save it with --format hf")
+    if cfg.final_logit_softcapping:
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    kinds = list(getattr(cfg, "layer_types", None) or [])
+    if cfg.sliding_window and "sliding_attention" in kinds:
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+        local = (cfg.rope_parameters or {}).get("sliding_attention", {})
+        if local.get("rope_type", "default") != "default":
+            raise InputError(f"GGUF output does not write rope scaling {local.get('rope_type')!r} yet; use --format hf")
+        writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+
+
 def _hparams(writer, cfg) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_block_count(cfg.num_hidden_layers)
@@ -82,6 +103,7 @@ def _hparams(writer, cfg) -> None:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one set per layer type; the global layers' is the base
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
     if rope.get("rope_type", "default") != "default":
         raise InputError(f"GGUF output does not write rope scaling {rope.get('rope_type')!r} yet; use --format hf")
@@ -89,9 +111,12 @@ def _hparams(writer, cfg) -> None:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    gemma3 = getattr(cfg, "model_type", "") in ("gemma3", "gemma3_text")
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads or gemma3:  # readers of gemma3 default to 256
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if gemma3:
+        _gemma3_hparams(writer, cfg, head_dim)
 
 
 def _vocab(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
@@ -194,6 +219,8 @@ def gguf_tensors(model: nn.Module, gtype: str, embed_type: str = "Q8_0", types: 
         else:
             w = sd[hf_name].detach().float().cpu()
             t = (types or {}).get(hf_name) if w.dim() == 2 and types else _tensor_types(name, tuple(w.shape), gtype, embed_type)
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            w = w + 1.0  # Gemma3RMSNorm multiplies by (1 + weight), llama.cpp by the stored weight
         if arch in PERMUTE_QK and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             w = permute_qk(w, cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads)
         if w.dtype == torch.uint8:
