@@ -182,7 +182,8 @@ def report(rows: dict, float_ppl: float, args) -> str:
             "max abs logit diff", f"{TASK} acc: lmpress scorer, lmpress's load", "lm-eval harness, transformers' load",
             "llm-compressor folder read by lmpress: ppl", "its KL"]
     return (f"## compressed-tensors: one folder, three evaluators; llm-compressor's folder read by lmpress\n\n"
-            f"Command: `flock /tmp/lmpress-heavy.lock python bench/ctensors.py` (rows can be measured one at a time with "
+            "Command: `flock /tmp/lmpress-heavy.lock python bench/ctensors.py" + "".join(" " + a for a in sys.argv[1:])
+            + "` (rows can be measured one at a time with "
             f"`--only LABEL`; cached in out/ctensors.json). Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
             f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
             f"model. {TASK}: the first {TASK_LIMIT} items of lmpress's built-in cloze task (held-out Wikipedia text), "
