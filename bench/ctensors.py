@@ -181,7 +181,7 @@ def report(rows: dict, float_ppl: float, args) -> str:
     head = ["setting (GPTQ)", "lmpress ppl", "lmpress KL", "transformers ppl", "transformers load",
             "max abs logit diff", f"{TASK} acc: lmpress scorer, lmpress's load", "lm-eval harness, transformers' load",
             "llm-compressor folder read by lmpress: ppl", "its KL"]
-    return (f"## compressed-tensors: one folder, three evaluators; llm-compressor's folder read by lmpress\n\n"
+    return ("## compressed-tensors: one folder, three evaluators; llm-compressor's folder read by lmpress\n\n"
             "Command: `flock /tmp/lmpress-heavy.lock python bench/ctensors.py" + "".join(" " + a for a in sys.argv[1:])
             + "` (rows can be measured one at a time with "
             f"`--only LABEL`; cached in out/ctensors.json). Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
