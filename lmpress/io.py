@@ -254,7 +254,7 @@ def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
     transformers also reads a ``tokenizer_config.json`` beside the file: code it names is refused
     unless ``trust_remote_code``."""
     file = Path(file)
-    _check_gguf(file)
+    fields = _check_gguf(file)
     _check_remote_code(file.parent, {}, trust_remote_code)
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
@@ -264,7 +264,7 @@ def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
         tok = _load_tokenizer(file.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(
             file.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
-            **_gguf_config(file, kw), **kw
+            **_gguf_config(file, fields, kw), **kw
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise InputError(f"could not load {file}: {str(e).splitlines()[0][:300]}")
@@ -277,16 +277,14 @@ def load_gguf(file: str | os.PathLike, *, trust_remote_code: bool = False):
     return model, tok
 
 
-def _gguf_config(file: Path, kw: dict) -> dict:
+def _gguf_config(file: Path, fields: dict, kw: dict) -> dict:
     """``{"config": ...}`` where transformers' GGUF reader gets a model's config wrong, else ``{}``.
 
     Gemma 3 (transformers 5.25): the reader ignores ``sliding_window_pattern`` (every layer becomes a
     sliding one), ``freq_base_swa`` and the query scale (it keeps ``query_pre_attn_scalar`` 256), so a
     file whose head size is not 256 would load silently wrong. They are set here as llama.cpp reads them."""
-    from gguf import GGUFReader
     from transformers import AutoConfig
 
-    fields = GGUFReader(file).fields
     if "general.architecture" not in fields or fields["general.architecture"].contents() != "gemma3":
         return {}
     config = AutoConfig.from_pretrained(file.parent, **kw)
@@ -312,11 +310,12 @@ def _gguf_config(file: Path, kw: dict) -> dict:
     return {"config": config}
 
 
-def _check_gguf(file: Path) -> None:
+def _check_gguf(file: Path) -> dict:
+    """The file's metadata fields, or an InputError when it cannot be read."""
     from gguf import GGUFReader
 
     try:
-        GGUFReader(file)
+        return GGUFReader(file).fields
     except Exception as e:  # the reader raises many types for a damaged file
         raise InputError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or corrupt")
 
