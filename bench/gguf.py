@@ -48,9 +48,12 @@ from common import Results, environment, md_table, provenance, write_section  # 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 TYPES = ["Q8_0", "Q6_K", "Q5_0", "Q5_K_S", "Q4_0", "Q4_1", "Q4_K_S", "IQ4_NL", "Q3_K_S", "Q2_K", "Q4_K_M"]
-METHODS = ["llamacpp", "llamacpp+imatrix", "rtn", "gptq", "awq"]
+METHODS = ["llamacpp", "llamacpp+imatrix", "rtn", "gptq", "awq", "gptq+scales"]
 LABEL = {"llamacpp": "llama.cpp", "llamacpp+imatrix": "llama.cpp + imatrix", "rtn": "lmpress RTN",
-         "gptq": "lmpress GPTQ", "awq": "lmpress AWQ"}
+         "gptq": "lmpress GPTQ", "awq": "lmpress AWQ", "gptq+scales": "lmpress GPTQ + trained scales"}
+# gptq+scales: GPTQ, then the fp16 block scales (codes fixed) trained on the forward KL to the float model over
+# the same calibration rows, SCALE_EPOCHS passes, one row per step (lmpress.distill.scales)
+SCALE_EPOCHS, SCALE_LR = 2, 1e-3
 LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 CONTEXT, EVAL_TOKENS = 512, 4096
 THREADS = 2
@@ -128,10 +131,29 @@ class Bench:
             run(cmd + [str(self.source()), str(out), gtype, str(THREADS)], "llama-quantize")
         else:
             out.unlink(missing_ok=True)  # a --redo row: made again
-            cmd = [sys.executable, "-m", "lmpress.cli", "compress", self.name, "--method", method, "--format",
+            how = ["--recipe", str(self.scales_recipe())] if method == "gptq+scales" else ["--method", method]
+            cmd = [sys.executable, "-m", "lmpress.cli", "compress", self.name, *how, "--format",
                    f"gguf:{gtype}", "-o", str(out), "--no-eval", "--calib-samples", str(self.args.calib_samples)]
             run(cmd, f"lmpress compress --method {method} --format gguf:{gtype}")
         return out, time.perf_counter() - t0
+
+    def scales_recipe(self) -> Path:
+        """The recipe of the ``gptq+scales`` rows (written beside the files)."""
+        path = self.work / "gptq+scales.yaml"
+        tokens = SCALE_EPOCHS * self.args.calib_samples * CONTEXT
+        path.write_text(f"""- method: gptq
+- method: distill
+  train: scales
+  data: calib
+  seq_len: {CONTEXT}
+  tokens: {tokens}
+  batch_size: 1
+  lr: {SCALE_LR}
+  warmup: 0.0
+  min_lr: 0.0
+  grad_clip: 0.0
+""")
+        return path
 
     # ---- measuring -----------------------------------------------------------------------------
     def lmpress_protocol(self, path: Path) -> dict:
@@ -273,7 +295,7 @@ def kl_checks(rows: dict) -> str:
     out = []
     for gtype in TYPES:
         ref = rows.get(f"{gtype}|llamacpp+imatrix")
-        ours = {m: rows[f"{gtype}|{m}"] for m in ("rtn", "gptq", "awq")
+        ours = {m: rows[f"{gtype}|{m}"] for m in ("rtn", "gptq", "awq", "gptq+scales")
                 if "kl" in rows.get(f"{gtype}|{m}", {})}
         if not ref or "kl" not in ref or not ours:
             continue

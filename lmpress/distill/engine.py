@@ -56,7 +56,6 @@ class DistillConfig:
 
     method: ClassVar[str] = "distill"
     family: ClassVar[str] = "distill"
-    needs_calibration: ClassVar[bool] = False
 
     loss: str = "fkl"  # fkl rkl jsd tv skl srkl tsld cakld, or ce (plain fine-tuning, no teacher)
     temperature: float = 1.0  # softmax temperature of both models; the loss is scaled by T^2
@@ -78,7 +77,8 @@ class DistillConfig:
     warmup: float = 0.05  # fraction of the steps with linear warmup
     min_lr: float = 0.1  # final learning rate as a fraction of lr (cosine decay)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    data: str = "corpus"  # corpus | teacher (sequence-level KD: teacher-written continuations)
+    data: str = "corpus"  # corpus | teacher (sequence-level KD: teacher-written continuations) | calib (the run's
+    # calibration rows, the text the recipe's solvers saw; seq_len must be their length)
     topk: int = 0  # > 0: cache the teacher's top-k log-probs once (topk_cache) and train from it
     topk_cache: str | None = None  # folder of the top-k cache (written when missing)
     prompt_len: int = 32  # prompt tokens kept before teacher / on-policy continuations
@@ -97,6 +97,12 @@ class DistillConfig:
     qat_init_clip: str | None = "mse"
     clip_lr: float | None = None  # learning rate of the QAT clipping ratios (None: lr)
     qat_output: str = "packed"  # after training: "packed" QuantLinear layers (bits in grid.BITS) or "float" nn.Linear
+    train: str = "weights"  # weights: every parameter of the student | scales: only the fp16 block scales (and
+    # minima) of layers solved on llama.cpp's grids, codes fixed (lmpress.distill.scales)
+
+    @property
+    def needs_calibration(self) -> bool:  # data: calib trains on the run's calibration rows
+        return self.data == "calib"
 
     def __post_init__(self):
         if self.loss not in L.LOSS_NAMES + ("ce",):
@@ -111,8 +117,13 @@ class DistillConfig:
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
-        if self.data not in ("corpus", "teacher"):
-            raise ValueError(f"data must be 'corpus' or 'teacher', got {self.data!r}")
+        if self.data not in ("corpus", "teacher", "calib"):
+            raise ValueError(f"data must be 'corpus', 'teacher' or 'calib', got {self.data!r}")
+        if self.train not in ("weights", "scales"):
+            raise ValueError(f"train must be 'weights' or 'scales', got {self.train!r}")
+        if self.train == "scales" and self.qat_bits:
+            raise ValueError("train='scales' tunes layers already solved on a grid; qat_bits makes new fake-quantized "
+                             "ones: use one or the other")
         if (self.on_policy or self.data == "teacher") and not 0 < self.prompt_len < self.seq_len:
             raise ValueError(f"prompt_len must lie between 1 and seq_len - 1, got {self.prompt_len}")
         if self.topk and (self.on_policy or self.hidden_loss or self.attention_weight):
@@ -253,6 +264,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, *
     step (after its checkpoint). Returns the figures and the per-step history.
     """
     from .qat import to_fake_quant_
+    from .scales import tune_scales_
 
     _check_models(student, teacher, cfg, cache is not None)
     _check_cache(student, cache)
@@ -268,6 +280,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, *
     torch.manual_seed(cfg.seed)
     if cfg.qat_bits:
         to_fake_quant_(student, cfg.qat_bits, cfg.qat_group_size, learn_clip=cfg.qat_learn_clip, init_clip=cfg.qat_init_clip)
+    if cfg.train == "scales" and not tune_scales_(student):
+        raise InputError("train: scales trains the stored scales of layers solved on llama.cpp's grids, and this model "
+                         "has none: put the step after a gptq / awq / rtn step with --format gguf:TYPE")
     pairs, proj = hint_projection(student, teacher, cfg)
     prev_attn = _set_eager([student, teacher], True) if cfg.attention_weight else None
     if teacher is not None:
@@ -360,11 +375,26 @@ def training_data(cfg: DistillConfig, teacher, tokenizer, corpus=None, *, progre
     return windows, None
 
 
+def calibration_windows(cfg: DistillConfig, calib):
+    """The run's calibration rows as training windows (``data: calib``)."""
+    if calib is None:
+        raise InputError("data: calib trains on the calibration rows of the run, and it has none: put the distill step "
+                         "after a calibrated step (gptq, awq, ...) or use data: corpus")
+    if calib.shape[1] != cfg.seq_len:
+        raise InputError(f"data: calib gives rows of {calib.shape[1]} tokens (--calib-len), the distill step asks "
+                         f"seq_len={cfg.seq_len}: make them the same")
+    return calib
+
+
 def finish_fake_quant_(model, cfg: DistillConfig) -> int:
     """After training: fake-quantized layers become packed ``QuantLinear`` layers (``qat_output="packed"``)
-    or ``nn.Linear`` layers holding the dequantized weights (``"float"``); returns their count."""
+    or ``nn.Linear`` layers holding the dequantized weights (``"float"``); layers whose scales trained
+    get them back in their bytes (``train="scales"``); returns their count."""
     from .qat import materialize_fake_quant_, pack_fake_quant_
+    from .scales import finish_scales_
 
+    if cfg.train == "scales":
+        return finish_scales_(model)
     return pack_fake_quant_(model) if cfg.qat_output == "packed" else materialize_fake_quant_(model)
 
 
@@ -379,7 +409,10 @@ def distill_(model, cfg: DistillConfig, ctx) -> dict:
     if ctx.tokenizer is None:
         raise InputError("the distill stage needs the tokenizer to build its training windows")
     data = ctx.data or DataConfig()
-    windows, cache = training_data(cfg, ctx.teacher, ctx.tokenizer, data.corpus, progress=ctx.progress)
+    if cfg.data == "calib":
+        windows, cache = calibration_windows(cfg, ctx.calib), None
+    else:
+        windows, cache = training_data(cfg, ctx.teacher, ctx.tokenizer, data.corpus, progress=ctx.progress)
     stream = prepare(ctx.tokenizer, data, need_calib=False)[1] if cfg.eval_every else None
     res = distill(model, ctx.teacher, cfg, windows=windows, cache=cache, eval_stream=stream,
                   bos=ctx.tokenizer.bos_token_id, progress=ctx.progress)

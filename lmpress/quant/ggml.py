@@ -486,6 +486,55 @@ def refit_scales(bq: BlockQuant, w: Tensor, H: Tensor, *, chunk: int = 64) -> Bl
     return BlockQuant(bq.gtype, bq.q, d, m, bq.sc, bq.mn)
 
 
+# ---- the fp16 block parameters inside the bytes ----
+# byte offsets, inside one block, of the fp16 scale ``d`` and of the fp16 minimum ``m`` (Q4_1, Q5_1) or
+# super-block ``dmin`` (K types with minima), as ggml-common.h lays the blocks out
+FP16_FIELDS: dict[str, tuple[int, int | None]] = {
+    "Q8_0": (0, None), "Q4_0": (0, None), "Q4_1": (0, 2), "Q5_0": (0, None), "Q5_1": (0, 2), "IQ4_NL": (0, None),
+    "Q6_K": (208, None), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q3_K": (108, None), "Q2_K": (80, 82),
+}
+
+
+def _blocks_of(raw: Tensor, gtype: str) -> np.ndarray:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[gtype]][1]
+    return raw.cpu().numpy().reshape(raw.shape[0], -1, size)  # (out, B, type_size)
+
+
+def fp16_fields(raw: Tensor, gtype: str) -> tuple[Tensor, Tensor | None]:
+    """The fp16 ``d`` and ``m`` / ``dmin`` (None for types without) of every (super-)block of the ggml
+    bytes ``raw`` (out, row bytes), float32 (out, B)."""
+    blocks = _blocks_of(raw, gtype)
+    get = lambda o: torch.from_numpy(np.ascontiguousarray(blocks[..., o : o + 2]).view(np.float16)[..., 0].astype(np.float32))  # noqa: E731
+    d_at, m_at = FP16_FIELDS[gtype]
+    return get(d_at), (get(m_at) if m_at is not None else None)
+
+
+def with_fp16_fields(raw: Tensor, gtype: str, d: Tensor, m: Tensor | None = None) -> Tensor:
+    """A copy of ``raw`` with every (super-)block's ``d`` (and ``m`` / ``dmin``) replaced (rounded to fp16);
+    the codes and integer sub-block scales are kept."""
+    blocks = _blocks_of(raw, gtype).copy()
+    d_at, m_at = FP16_FIELDS[gtype]
+    for at, v in ((d_at, d), (m_at, m)):
+        if v is not None:
+            blocks[..., at : at + 2] = v.detach().cpu().numpy().astype(np.float16)[..., None].view(np.uint8)
+    return torch.from_numpy(blocks.reshape(raw.shape[0], -1))
+
+
+def fp16_bases(raw: Tensor, gtype: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+    """``(A, B)`` (out, in) with ``W = d * A + m * B`` (each block's fields broadcast over its weights)
+    for the weight ``W`` llama.cpp reads from ``raw``: the weight with ``d = 1, m = 0`` and with
+    ``d = 0, m = 1``. ``W`` is linear in the fp16 fields, so training them keeps the codes."""
+    from .qlinear import _ggml_values
+
+    d, m = fp16_fields(raw, gtype)
+    A = _ggml_values(with_fp16_fields(raw, gtype, torch.ones_like(d), None if m is None else torch.zeros_like(m)), gtype, shape)
+    if m is None:
+        return A, None
+    return A, _ggml_values(with_fp16_fields(raw, gtype, torch.zeros_like(d), torch.ones_like(m)), gtype, shape)
+
+
 # ---- bytes (layouts of ggml-common.h) ----
 
 def _pack(q: np.ndarray, H: int, S: int, W: int, bits: int) -> np.ndarray:
