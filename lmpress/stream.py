@@ -43,7 +43,7 @@ from torch import nn
 from . import arch
 from .errors import InputError
 
-STREAMED = ("gptq", "wanda", "sparsegpt", "awq")
+STREAMED = ("rtn", "gptq", "wanda", "sparsegpt", "awq")
 WHOLE_MODEL = {"distill": "trains the whole student against the teacher",
                "prune-width": "ranks channels and heads over all blocks at once",
                "prune-depth": "scores every block before dropping any"}
@@ -244,9 +244,10 @@ class OutputShards:
         return f"model-{k + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
-        if self.resumed_at == 0:
-            return 0, None
-        return self.resumed_at, _load_hidden(self.partial / "hidden")
+        hidden = self.partial / "hidden"  # absent for methods with no calibration pass (RTN)
+        if self.resumed_at == 0 or not hidden.exists():
+            return self.resumed_at, None
+        return self.resumed_at, _load_hidden(hidden)
 
     def write_block(self, i: int, block: nn.Module, prefix: str, next_inputs) -> None:
         state = self._state(block, prefix)
@@ -459,6 +460,9 @@ def check_streamable(recipe: list) -> None:
     if getattr(cfg, "allocation", "uniform") != "uniform":
         raise InputError(f"{cfg.method} with allocation={cfg.allocation} measures every block before pruning any (two passes "
                          "over the whole model); streamed, use allocation: uniform, or raise --max-memory")
+    if getattr(cfg, "gguf", None):
+        raise InputError(f"{cfg.method} with gguf={cfg.gguf} solves on llama.cpp's grids and is written as one GGUF file in "
+                         "memory; drop gguf to stream (compressed-tensors output), or raise --max-memory")
     if rc.entry(cfg.method).finish and getattr(cfg, "bits", None):
         raise InputError("sparsegpt with bits (joint pruning and quantization) is not streamed yet; raise --max-memory")
 

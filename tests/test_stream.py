@@ -18,6 +18,7 @@ from lmpress.io import save_model
 from lmpress.recipe import make_config
 
 RECIPES = {
+    "rtn": lambda: make_config("rtn", bits=4, group_size=32, head_bits=8),
     "gptq": lambda: make_config("gptq", bits=4, group_size=32, head_bits=8),
     "gptq-3bit-sym": lambda: make_config("gptq", bits=3, group_size=-1, sym=True, act_order=False),
     "wanda": lambda: make_config("wanda", sparsity=0.5),
@@ -135,11 +136,12 @@ def test_bf16_shards_of_an_untied_model_stream_like_a_float32_load(tmp_path, mon
     assert _tensors(tmp_path / "mem") == _tensors(tmp_path / "st")
 
 
-def test_resume_after_interrupt_gives_identical_bytes(src, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["gptq", "rtn"])  # rtn: no calibration pass, no checkpointed hidden states
+def test_resume_after_interrupt_gives_identical_bytes(src, tmp_path, monkeypatch, name):
     from lmpress import stream
 
     folder, corpus = src
-    recipe = RECIPES["gptq"]()
+    recipe = RECIPES[name]()
     _run(folder, recipe, corpus, tmp_path / "ref", stream=True)
     real = stream.OutputShards.write_block
     loaded = []
@@ -185,7 +187,7 @@ def test_a_partial_output_of_other_options_is_not_resumed(src, tmp_path, monkeyp
 
 @pytest.mark.parametrize("method, fields, msg", [
     ("prune-width", {"target_params": 0.75}, "needs the whole model in memory"),
-    ("rtn", {"bits": 4}, "not streamed block by block yet"),
+    ("magnitude", {"sparsity": 0.5}, "not streamed block by block yet"),
     ("wanda", {"sparsity": 0.5, "allocation": "owl"}, "allocation: uniform"),
 ])
 def test_methods_that_need_the_whole_model_say_so(src, tmp_path, method, fields, msg):
