@@ -24,9 +24,9 @@ equal the in-memory ``model.safetensors``). An interrupted run leaves ``.OUT.par
 the same command resumes after the last finished block, with the same bytes as an uninterrupted run.
 
 Streamed: the methods that work block by block through the pipeline (:data:`STREAMED`). The others
-need the whole model at once (distillation, width and depth pruning's global importance, low-rank
-methods whose budget is global) and say so when the model does not fit.
-"""
+need the whole model at once (distillation, width and depth pruning's global importance, allocations
+chosen over all blocks: OWL, the low-rank methods' ``energy``) and say so when the model does not fit.
+Low-rank factors are written in lmpress's own layout, sharded the same way."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from torch import nn
 from . import arch
 from .errors import InputError
 
-STREAMED = ("rtn", "gptq", "wanda", "sparsegpt", "awq")
+STREAMED = ("rtn", "gptq", "wanda", "sparsegpt", "awq", "svd", "asvd", "svd-llm", "dsformer")
 WHOLE_MODEL = {"distill": "trains the whole student against the teacher",
                "prune-width": "ranks channels and heads over all blocks at once",
                "prune-depth": "scores every block before dropping any"}
@@ -251,17 +251,30 @@ class OutputShards:
 
     def write_block(self, i: int, block: nn.Module, prefix: str, next_inputs) -> None:
         state = self._state(block, prefix)
-        if self.fmt == "compressed-tensors":
-            from .formats import compressed_tensors as ct
-
-            self.settings.update(ct.layer_settings(block, self.metadata, prefix))
+        self._record_layers(block, prefix)
         self._save(state, self.shard_name(i))
         if next_inputs is not None:
             _save_hidden(next_inputs, self.partial / "hidden")
         self.state["done"] = i + 1
         self._commit()
 
+    def _record_layers(self, module: nn.Module, prefix: str = "") -> None:
+        """Keep what the config records of ``module``'s compressed layers: their compressed-tensors
+        weights arguments, or lmpress's layer metadata."""
+        if self.fmt == "compressed-tensors":
+            from .formats import compressed_tensors as ct
+
+            self.settings.update(ct.layer_settings(module, self.metadata, prefix))
+        elif self.fmt == "lmpress":
+            from .formats import layer_metadata
+
+            self.settings.update({prefix + k: v for k, v in layer_metadata(module).items()})
+
     def _state(self, module: nn.Module, prefix: str, skip: str | None = None) -> dict[str, torch.Tensor]:
+        if self.fmt == "lmpress":
+            from .formats import native
+
+            return native.checkpoint_state(module, prefix, skip)
         if self.fmt == "compressed-tensors":
             from .formats import compressed_tensors as ct
 
@@ -289,10 +302,7 @@ class OutputShards:
     def finish(self, model: nn.Module, tokenizer, skip: str) -> Path:
         """Write the rest (embedding, norm, head), config, index and tokenizer; rename into place."""
         state = self._state(model, "", skip=skip)
-        if self.fmt == "compressed-tensors":  # a quantized head (the blocks are back on the meta device)
-            from .formats import compressed_tensors as ct
-
-            self.settings.update(ct.layer_settings(model, self.metadata))
+        self._record_layers(model)  # a quantized head (the blocks are back on the meta device, as loaded)
         if self.fmt == "hf":
             state = _untied(state)
         self._save(state, self.shard_name(self.n))
@@ -314,6 +324,11 @@ class OutputShards:
         return self.out
 
     def _config(self, model: nn.Module) -> None:
+        if self.fmt == "lmpress":
+            from .formats import native
+
+            native.write_config(model.config, self.partial, self.metadata, self.settings)
+            return
         if self.fmt == "compressed-tensors":
             from .formats import compressed_tensors as ct
 
@@ -448,7 +463,7 @@ def check_streamable(recipe: list) -> None:
 
     if len(recipe) != 1:
         raise InputError(f"a recipe of {len(recipe)} steps needs the whole model in memory, which does not fit the memory "
-                         "budget; stream one layer-wise step at a time (gptq, wanda, sparsegpt, awq), or raise --max-memory")
+                         f"budget; stream one layer-wise step at a time ({', '.join(STREAMED)}), or raise --max-memory")
     cfg = recipe[0]
     if cfg.method in WHOLE_MODEL:
         raise InputError(f"{cfg.method} needs the whole model in memory at once (it {WHOLE_MODEL[cfg.method]}), and the "
@@ -457,9 +472,9 @@ def check_streamable(recipe: list) -> None:
     if cfg.method not in STREAMED:
         raise InputError(f"{cfg.method} is not streamed block by block yet, and the model does not fit the memory budget "
                          f"(--max-memory, or the memory available); the streamed methods are {', '.join(STREAMED)}")
-    if getattr(cfg, "allocation", "uniform") != "uniform":
-        raise InputError(f"{cfg.method} with allocation={cfg.allocation} measures every block before pruning any (two passes "
-                         "over the whole model); streamed, use allocation: uniform, or raise --max-memory")
+    if getattr(cfg, "allocation", "uniform") != "uniform" and getattr(cfg, "k", None) is None:
+        raise InputError(f"{cfg.method} with allocation={cfg.allocation} measures every block before changing any (a pass "
+                         "over the whole model, then a global choice); streamed, use allocation: uniform, or raise --max-memory")
     if getattr(cfg, "gguf", None):
         raise InputError(f"{cfg.method} with gguf={cfg.gguf} solves on llama.cpp's grids and is written as one GGUF file in "
                          "memory; drop gguf to stream (compressed-tensors output), or raise --max-memory")
@@ -537,15 +552,19 @@ def _finish_step(cfg):
     return run
 
 
+HOLDS = {"hf": ("prune",), "compressed-tensors": ("quant", "prune"), "lmpress": ("quant", "prune", "lowrank")}
+AUTO = {"quant": "compressed-tensors", "prune": "hf", "lowrank": "lmpress"}
+
+
 def _stream_format(cfg, format: str) -> str:
     """The output format of a streamed run: what ``auto`` picks for the method's layers, decided
-    before any block is written (compressed-tensors for quantization, hf for pruning)."""
+    before any block is written (compressed-tensors for quantization, hf for pruning, lmpress's own
+    layout for low-rank factors)."""
     family = type(cfg).family
-    auto = "compressed-tensors" if family == "quant" else "hf"
-    fmt = auto if format == "auto" else format
-    if fmt not in ("hf", "compressed-tensors"):
-        raise InputError(f"a streamed model is written as hf or compressed-tensors, not {fmt!r}; choose one of them "
+    fmt = AUTO[family] if format == "auto" else format
+    if fmt not in HOLDS:
+        raise InputError(f"a streamed model is written as {', '.join(HOLDS)}, not {fmt!r}; choose one of them "
                          "(or auto), or raise --max-memory")
-    if fmt == "hf" and family == "quant":
-        raise InputError("a plain hf folder cannot hold quantized layers; use --format compressed-tensors (or auto)")
+    if family not in HOLDS[fmt]:
+        raise InputError(f"a {fmt} folder cannot hold the layers {cfg.method} makes; use --format {AUTO[family]} (or auto)")
     return fmt

@@ -24,6 +24,12 @@ RECIPES = {
     "wanda": lambda: make_config("wanda", sparsity=0.5),
     "sparsegpt": lambda: make_config("sparsegpt", sparsity=0.5),
     "awq": lambda: make_config("awq", bits=4, group_size=32),
+    "svd": lambda: make_config("svd", ratio=0.7, allocation="uniform"),
+    "asvd": lambda: make_config("asvd", ratio=0.7, allocation="uniform"),
+    "svd-llm": lambda: make_config("svd-llm", ratio=0.7, allocation="uniform"),
+    "svd-llm-rank": lambda: make_config("svd-llm", rank=8, allocation="uniform"),
+    "dsformer": lambda: make_config("dsformer", ratio=0.7, allocation="uniform", iters=2),
+    "dsformer-k": lambda: make_config("dsformer", k=16, s=6, iters=2),  # k: no allocation pass, whatever allocation says
 }
 
 
@@ -103,17 +109,21 @@ def test_streamed_output_has_the_in_memory_bytes(src, tmp_path, name):
     assert not list(tmp_path.glob(".st.partial*"))
 
 
-def test_streamed_output_loads_and_gives_the_same_logits(src, tmp_path):
+@pytest.mark.parametrize("name, kind", [("gptq", "QuantLinear"), ("svd-llm", "LowRankLinear"), ("dsformer", "DenseSparseLinear")])
+def test_streamed_output_loads_and_gives_the_same_logits(src, tmp_path, name, kind):
+    """Also lmpress's own layout (low-rank factors) read back from a streamed save's shards."""
     from lmpress.io import load_model
 
     folder, corpus = src
-    recipe = RECIPES["gptq"]()
+    recipe = RECIPES[name]()
     _run(folder, recipe, corpus, tmp_path / "mem", stream=False)
     _run(folder, recipe, corpus, tmp_path / "st", stream=True)
     ids = torch.randint(3, 200, (1, 16))
+    streamed = load_model(tmp_path / "st")[0]
+    assert kind in {type(m).__name__ for m in streamed.modules()}
     with torch.no_grad():
         la = load_model(tmp_path / "mem")[0](ids).logits
-        lb = load_model(tmp_path / "st")[0](ids).logits
+        lb = streamed(ids).logits
     assert torch.equal(la, lb)
 
 
@@ -189,6 +199,8 @@ def test_a_partial_output_of_other_options_is_not_resumed(src, tmp_path, monkeyp
     ("prune-width", {"target_params": 0.75}, "needs the whole model in memory"),
     ("magnitude", {"sparsity": 0.5}, "not streamed block by block yet"),
     ("wanda", {"sparsity": 0.5, "allocation": "owl"}, "allocation: uniform"),
+    ("svd-llm", {"ratio": 0.8}, "allocation=energy measures every block"),  # the default allocation: global ranks
+    ("dsformer", {"ratio": 0.8}, "allocation=energy measures every block"),
 ])
 def test_methods_that_need_the_whole_model_say_so(src, tmp_path, method, fields, msg):
     folder, corpus = src
