@@ -160,9 +160,10 @@ def load_into(model: nn.Module, module: nn.Module, prefix: str, shards: Shards) 
 # ---- the block source ----------------------------------------------------------------------------
 class BlockStream:
     """:class:`lmpress.calib.BlockSource` of a streamed model: reads each block before its turn,
-    finishes, writes and frees it after (see the module docstring)."""
+    finishes, writes and frees it after (see the module docstring); with ``out`` None (evaluation)
+    it writes nothing."""
 
-    def __init__(self, model: nn.Module, shards: Shards, out: OutputShards, finish=None):
+    def __init__(self, model: nn.Module, shards: Shards, out: OutputShards | None, finish=None):
         self.model, self.shards, self.out, self.finish = model, shards, out, finish
         self.prefix = arch.spec_for(model).blocks
         self.blocks = arch.blocks(model)
@@ -172,7 +173,7 @@ class BlockStream:
         self.embed_name = next(n for n, m in model.named_modules() if m is self.embed)
 
     def resume(self):
-        start, inputs = self.out.resume_point()
+        start, inputs = self.out.resume_point() if self.out else (0, None)
         load_into(self.model, self.embed, f"{self.embed_name}.", self.shards)  # for capture / the extras
         return start, inputs
 
@@ -189,7 +190,8 @@ class BlockStream:
     def release(self, i: int, next_inputs: list[torch.Tensor]) -> None:
         if self.finish is not None:  # the method's finishing step, on this block (the others are meta)
             self.finish(self.model)
-        self.out.write_block(i, self.blocks[i], f"{self.prefix}.{i}.", next_inputs if i + 1 < len(self.blocks) else None)
+        if self.out is not None:
+            self.out.write_block(i, self.blocks[i], f"{self.prefix}.{i}.", next_inputs if i + 1 < len(self.blocks) else None)
         self.blocks[i] = self.empty.pop(i)
         _return_freed_memory()
         import time
@@ -434,8 +436,9 @@ def available_memory() -> int:
 BASELINE = 450 << 20  # a process with torch, transformers, a tokenizer and calibration ids (measured ~0.37 GiB)
 
 
-def memory_plan(model: nn.Module, calib_rows: int, calib_len: int) -> dict:
-    """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights)."""
+def memory_plan(model: nn.Module, calib_rows: int, calib_len: int, copies: int = 2) -> dict:
+    """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights);
+    ``copies`` of the weights in memory (compress keeps the original beside the compressed copy)."""
     per_block = [sum(p.numel() for p in b.parameters()) * 4 for b in arch.blocks(model)]
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -444,14 +447,16 @@ def memory_plan(model: nn.Module, calib_rows: int, calib_len: int) -> dict:
     hessians = 2 * widest * widest * 4 + 3 * hidden * hidden * 4  # the widest input's H and its factor, the others
     emb = model.get_input_embeddings().weight.numel() * 4
     # in memory: the loaded model and the compressed copy (compress keeps the original), one set of hidden states
-    return {"in_memory": BASELINE + 2 * total + acts,
+    return {"in_memory": BASELINE + copies * total + acts,
             "streaming": BASELINE + max(emb + acts, max(per_block) + hessians + acts), "weights_float32": total}
 
 
-def decide(model: nn.Module, data, max_memory: int | None) -> tuple[bool, dict]:
+def decide(model: nn.Module, data, max_memory: int | None, evaluation: bool = False) -> tuple[bool, dict]:
     """Whether to stream: when the in-memory estimate exceeds ``max_memory`` (default: the memory
-    available now). Returns ``(stream, plan)``."""
-    plan = memory_plan(model, data.calib_samples, data.calib_len)
+    available now). Returns ``(stream, plan)``. ``evaluation``: one copy of the weights, the
+    evaluation windows' hidden states (an upper bound: ``context`` tokens per ``context - 1``)."""
+    rows, length = (data.eval_tokens, 1) if evaluation else (data.calib_samples, data.calib_len)
+    plan = memory_plan(model, rows, length, copies=1 if evaluation else 2)
     budget = max_memory if max_memory is not None else available_memory()
     plan["budget"] = budget
     return plan["in_memory"] > budget, plan
@@ -568,3 +573,72 @@ def _stream_format(cfg, format: str) -> str:
     if family not in HOLDS[fmt]:
         raise InputError(f"a {fmt} folder cannot hold the layers {cfg.method} makes; use --format {AUTO[family]} (or auto)")
     return fmt
+
+
+# ---- streamed evaluation -------------------------------------------------------------------------
+class StreamedModel:
+    """A model folder evaluated block by block (``lmpress eval --stream``, :func:`lmpress.evaluate`):
+    its skeleton (config, shapes, parameter counts) and :meth:`log_probs` of token windows, computed
+    with one block in memory at a time through the one calibration pipeline."""
+
+    streamed = True
+
+    def __init__(self, folder: Path, trust_remote_code: bool = False):
+        self.folder, self.trust_remote_code = Path(folder), trust_remote_code
+        self.skeleton = skeleton(self.folder, trust_remote_code)
+        if getattr(self.skeleton.config, "tie_word_embeddings", False):
+            self.skeleton.tie_weights()  # counted once, as a loaded model holds it
+        self.config = self.skeleton.config
+        self.shards = Shards(self.folder)
+
+    def get_output_embeddings(self):
+        return self.skeleton.get_output_embeddings()
+
+    def log_probs(self, ids: torch.Tensor, batch: int, progress: bool, desc: str):
+        """Yield ``(start_row, log_probs (b, T, V) float32)`` for the windows ``ids`` (W, T) in batches of
+        ``batch``: the hidden states of all windows go through each block in turn (read, applied,
+        freed), then the final norm and head run batch by batch."""
+        model = skeleton(self.folder, self.trust_remote_code)  # a fresh one: its rest is freed with it
+        hidden = final_hidden(model, self.shards, ids, batch, progress=desc if progress else False)
+        for k, h in enumerate(hidden):
+            with torch.inference_mode():
+                logits = head_logits(model, ids[k * batch : (k + 1) * batch], h)
+            yield k * batch, torch.log_softmax(logits.float(), dim=-1)
+
+
+def final_hidden(model: nn.Module, shards: Shards, ids: torch.Tensor, batch: int, progress) -> list[torch.Tensor]:
+    """The last block's outputs for the windows ``ids`` (W, T), one (b, T, hidden) tensor per batch,
+    with each block read before its turn and freed after; the rest of the model is loaded at the end."""
+    from .calib import walk_blocks
+
+    out: list[torch.Tensor] = []
+    last = len(arch.blocks(model)) - 1
+
+    def keep_outputs(ctx):  # walk_blocks advances every block but the last
+        ctx.advance()
+        out.extend(ctx.inputs)
+
+    model.lmpress_blocks = BlockStream(model, shards, None)
+    try:
+        walk_blocks(model, ids, keep_outputs, batch_size=batch, progress=progress, blocks_to_visit=[last])
+    finally:
+        del model.lmpress_blocks
+    return out
+
+
+def head_logits(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own forward over ``ids`` (b, T) with its blocks replaced by ``hidden`` (b, T, hidden),
+    the last block's outputs: what follows the blocks (final norm, head, logit scaling) runs as the
+    model defines it. Returns the logits (b, T, V)."""
+    blocks = arch.blocks(model)
+
+    def through(i):
+        return lambda *args, **kw: hidden if i == 0 else args[0]
+
+    for i, b in enumerate(blocks):
+        b.forward = through(i)  # an instance attribute, as calib.record_extras does
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        for b in blocks:
+            del b.forward
