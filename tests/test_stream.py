@@ -255,8 +255,12 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "mode": rep["memory"]["
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A model whose weights on disk (210 MB float32, 32 blocks) are far above what streaming may hold."""
-    tmp = tmp_path_factory.mktemp("big")
+    return big_folders(tmp_path_factory.mktemp("big"))
+
+
+def big_folders(tmp: Path):
+    """A model whose weights on disk (210 MB float32, 32 blocks) are far above what streaming may hold,
+    a small one of the same width for the warm-up, and a corpus."""
     folder = save_model(_model(layers=32, hidden=384, inter=1024, seed=1), tmp / "src", tokenizer=_tok(tmp))
     warm = save_model(_model(layers=2, hidden=384, inter=1024, seed=2), tmp / "warm", tokenizer=_tok(tmp))
     return folder, warm, _corpus(tmp)

@@ -4,7 +4,7 @@ block by block from its weight files equal the in-memory figures; what cannot st
 import pytest
 import torch
 from test_cli import _tok
-from test_stream import RECIPES, _corpus, _data, _model, _run
+from test_stream import RECIPES, _corpus, _data, _model, _run, big_folders
 
 from lmpress.api import evaluate, open_model
 from lmpress.errors import InputError
@@ -86,3 +86,59 @@ def test_cli_eval_streams_and_refuses_what_needs_the_whole_model(src, capsys):
     assert len(ppl) == 2 and ppl[0] == ppl[1]
     assert main(base + ["--stream", "--task", "wiki_cloze"]) == 2
     assert "--task, --lm-eval and --engine need the whole model" in capsys.readouterr().err
+
+
+PEAK_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from lmpress.api import evaluate, open_model
+from lmpress.data import DataConfig
+def status(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+folder, warm, corpus, stream = sys.argv[1:5]
+data = DataConfig(corpus=corpus, eval_tokens=512)
+def run(src):
+    model, tok = open_model(src, data=data, stream=stream == "1")
+    return evaluate(model, tok, data=data, context=128, measure_speed=False, progress=False)
+run(warm)  # one-time costs (imports, workspaces) on a tiny model
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS")
+res = run(folder)
+print(json.dumps({"base": base, "peak": status("VmHWM"), "ppl": res["perplexity"], "streamed": bool(res.get("streamed"))}))
+"""
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    return big_folders(tmp_path_factory.mktemp("big"))
+
+
+@pytest.mark.memory
+def test_streamed_evaluation_peak_memory_stays_below_the_weights(big):
+    """Measured peak-RSS check, as test_stream.py's for compression: after a warm-up, a streamed
+    evaluation's peak above the process's resident size stays under half the weights on disk (one
+    block, the embedding and head, the windows' hidden states), while the in-memory one holds them
+    all; both give the same perplexity."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, warm, corpus = big
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    figures = {}
+    for stream in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), str(warm), str(corpus), stream],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        figures[stream] = json.loads(r.stdout.strip().splitlines()[-1])
+    streamed = figures["1"]["peak"] - figures["1"]["base"]
+    in_memory = figures["0"]["peak"] - figures["0"]["base"]
+    print(f"weights {weights:,} B; peak above baseline: streamed {streamed:,} B, in memory {in_memory:,} B")
+    assert figures["1"]["streamed"] and not figures["0"]["streamed"]
+    assert streamed < weights / 2, (streamed, weights)
+    assert in_memory > 0.9 * weights, (in_memory, weights)
+    assert abs(figures["1"]["ppl"] - figures["0"]["ppl"]) <= 1e-5 * figures["0"]["ppl"]
