@@ -335,7 +335,10 @@ def walk_blocks(
     source = block_source(model)
     start, inputs = source.resume() if source else (0, None)
     if start and inputs is None:
-        raise RuntimeError(f"resuming at block {start} needs that block's checkpointed inputs; the partial output has none")
+        from .errors import InputError
+
+        raise InputError(f"resuming at block {start} needs that block's checkpointed inputs, and the partial output has none "
+                         "(its hidden/ folder was removed): delete the partial output (.OUT.partial) to start again")
     extras = record_extras(model, calib[:1])
     if inputs is None:
         inputs = first_inputs(model, calib, batch_size)

@@ -109,6 +109,16 @@ def test_streamed_output_has_the_in_memory_bytes(src, tmp_path, name):
     assert not list(tmp_path.glob(".st.partial*"))
 
 
+@pytest.mark.parametrize("name", ["gptq", "wanda"])
+def test_lmpress_layout_streams_any_method_with_the_in_memory_bytes(src, tmp_path, name):
+    folder, corpus = src
+    _run(folder, RECIPES[name](), corpus, tmp_path / "mem", stream=False, format="lmpress")
+    _run(folder, RECIPES[name](), corpus, tmp_path / "st", stream=True, format="lmpress")
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["lmpress"]["format"] == "lmpress"
+    assert _merged_bytes(tmp_path / "st") == (tmp_path / "mem" / "model.safetensors").read_bytes()
+    assert (tmp_path / "st" / "config.json").read_bytes() == (tmp_path / "mem" / "config.json").read_bytes()
+
+
 @pytest.mark.parametrize("name, kind", [("gptq", "QuantLinear"), ("svd-llm", "LowRankLinear"), ("dsformer", "DenseSparseLinear")])
 def test_streamed_output_loads_and_gives_the_same_logits(src, tmp_path, name, kind):
     """Also lmpress's own layout (low-rank factors) read back from a streamed save's shards."""
