@@ -180,10 +180,10 @@ def compress(
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if gguf_type and out is not None:  # what the GGUF writer would refuse, refused before the work
-        from .formats.gguf import architecture, tokenizer_pre
+        from .formats.gguf import architecture, check_tokenizer
 
         architecture(model)
-        tokenizer_pre(tokenizer)
+        check_tokenizer(tokenizer)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
     if calib_needed:
         arch.check_positions(model, data.calib_len, "--calib-len")
