@@ -20,6 +20,9 @@ by lmpress and measured the same way. The row ``README`` runs the README's first
 calibration tokens) and compares the perplexity it printed with plain transformers' on its folder.
 Finished rows are kept in ``out/ctensors.json`` (``--fresh`` starts over), so the rows can be measured
 one invocation at a time; the 'ctensors' section of BENCHMARKS.md is written from all of them.
+The settings '... + trained scales' add a second recipe step after GPTQ: its fp16 group scales trained
+end to end on the float model's KL over the same calibration rows, codes and zeros fixed
+(``DistillConfig(train="scales", data="calib")``, :mod:`lmpress.distill.scales`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ SETTINGS = {
     "W4 g64 asym": ({"bits": 4, "group_size": 64}, "gptq-w4g64-asym"),
     "W3 g64 asym": ({"bits": 3, "group_size": 64}, "gptq-w3g64-asym"),
     "W3 g64 sym": ({"bits": 3, "group_size": 64, "sym": True}, None),
+    # GPTQ, then its fp16 group scales trained on the float model's KL over the same calibration rows (codes and
+    # zeros fixed; lmpress.distill.scales): SCALE_EPOCHS passes, one 512-token row per step
+    "W4 g64 sym, 8-bit head + trained scales": ({"bits": 4, "group_size": 64, "sym": True, "head_bits": 8, "scales": True}, None),
+    "W3 g64 asym + trained scales": ({"bits": 3, "group_size": 64, "scales": True}, None),
 }
+SCALE_EPOCHS, SCALE_LR = 2, 1e-3
 TASK, TASK_LIMIT = "wiki_cloze", 100
 README_CMD = ["compress", "--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--head-bits", "8"]
 
@@ -93,13 +101,22 @@ def own_acc(model, tok) -> float:
     return multiple_choice(model, tok, load_task(TASK, TASK_LIMIT)).acc
 
 
+def scales_step(calib):
+    from lmpress.distill.engine import DistillConfig
+
+    return DistillConfig(train="scales", data="calib", seq_len=calib.shape[1], tokens=SCALE_EPOCHS * calib.numel(),
+                         batch_size=1, lr=SCALE_LR, warmup=0.0, min_lr=0.0, grad_clip=0.0)
+
+
 def setting_row(label, opts, fm, tok, calib, stream, tmp) -> dict:
     import lmpress
     from lmpress.evaluate import perplexity
 
-    folder = Path(tmp) / label.replace(" ", "_").replace(",", "")
+    folder = Path(tmp) / label.replace(" ", "_").replace(",", "").replace("+", "")
+    opts = dict(opts)
+    recipe = [lmpress.GPTQConfig(**opts)] if not opts.pop("scales", False) else [lmpress.GPTQConfig(**opts), scales_step(calib)]
     t0 = time.perf_counter()
-    q, _ = lmpress.compress(fm, [lmpress.GPTQConfig(**opts)], tok, out=folder, format="compressed-tensors", measure=False,
+    q, _ = lmpress.compress(fm, recipe, tok, out=folder, format="compressed-tensors", measure=False,
                             progress=False, data=lmpress.DataConfig(calib_samples=calib.shape[0]))
     seconds = time.perf_counter() - t0
     ours, _ = lmpress.load_model(folder)
@@ -186,7 +203,9 @@ def report(rows: dict, float_ppl: float, args) -> str:
             + "` (rows can be measured one at a time with "
             f"`--only LABEL`; cached in out/ctensors.json). Model: SmolLM2-135M-Instruct (fp32, perplexity {float_ppl:.3f}). "
             f"Calibration: {args.calib_samples} x 512 tokens; evaluation: 4,096 tokens, context 512; KL to the float "
-            f"model. {TASK}: the first {TASK_LIMIT} items of lmpress's built-in cloze task (held-out Wikipedia text), "
+            f"model. '+ trained scales': GPTQ, then its fp16 group scales trained on the float model's KL (codes and zeros "
+            f"fixed; recipe step distill with train: scales, data: calib), {SCALE_EPOCHS} passes over the same calibration "
+            f"rows, one row per step, lr {SCALE_LR}. {TASK}: the first {TASK_LIMIT} items of lmpress's built-in cloze task (held-out Wikipedia text), "
             "scored by lmpress's own multiple-choice scorer on the folder as lmpress loads it and by lm-evaluation-harness "
             "(HFLM) on the folder as plain transformers loads it ('-': the folder does not load there). Written: " + environment() + ". "
             + (provenance(rows) or f"Rows measured at commit {next(iter(rows.values())).get('commit', '?')}.") + "\n\n"

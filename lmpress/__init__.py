@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _API = {
     "load_model": "lmpress.io",
+    "open_model": "lmpress.api",
     "save_model": "lmpress.io",
     "evaluate": "lmpress.api",
     "describe": "lmpress.api",

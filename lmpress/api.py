@@ -32,14 +32,16 @@ def evaluate(
     """Perplexity, (KL and top-1 agreement against ``reference``), size, bits per weight, peak
     memory, prefill and decode speed of ``model``; returns a flat dict of figures.
     ``compiled_decode``: decode through a static KV cache and ``torch.compile`` (``evaluate.speed``).
+    A streamed model (:func:`open_model`) gives perplexity and KL block by block, and no speed.
     """
     from .data import prepare
     from .io import folder_bytes
 
+    streamed = getattr(model, "streamed", False)
     arch.check_positions(model, context, "--context")
     if stream is None:
         _, stream = prepare(tokenizer, data or DataConfig(), need_calib=False)
-    counts = param_counts(model)
+    counts = param_counts(model.skeleton if streamed else model)
     res: dict = {"context": context}
     ppl = perplexity(model, stream, context=context, bos=_bos(tokenizer), progress=progress)
     res.update(perplexity=ppl.ppl, nll=ppl.nll, eval_tokens=ppl.tokens, eval_seconds=ppl.seconds)
@@ -51,13 +53,34 @@ def evaluate(
         params_embedding=counts.embedding,
         params_linear=counts.linear,
         linear_bits_per_weight=counts.linear_bits_per_weight,
-        tensor_bytes=tensor_bytes(model),
+        tensor_bytes=None if streamed else tensor_bytes(model),
         disk_bytes=folder_bytes(model_path) if model_path else None,
     )
-    if measure_speed:
+    if streamed:
+        res["streamed"] = "block by block; no speed measured"
+    elif measure_speed:
         res.update(as_dict(speed(model, compiled=compiled_decode)), decode_path="compiled" if compiled_decode else "eager")
     res["peak_rss_bytes"] = peak_rss_bytes()
     return res
+
+
+def open_model(spec=None, *, data: DataConfig | None = None, max_memory: int | None = None, stream: bool | None = None,
+               allow_pickle: bool = False, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` to evaluate: loaded in memory (:func:`lmpress.load_model`), or with
+    ``stream`` (None: when the in-memory estimate exceeds ``max_memory`` bytes, default the memory
+    available) a :class:`lmpress.stream.StreamedModel` that :func:`evaluate` runs block by block."""
+    from . import stream as st
+    from .io import _load_tokenizer, _stored_dtypes, load_model
+
+    found = None if stream is False else _streamable(spec, stream, allow_pickle, trust_remote_code, "evaluate")
+    if found is not None:
+        path, skel = found
+        go, _ = st.decide(skel, data or DataConfig(), max_memory, evaluation=True)
+        if stream or go:
+            model = st.StreamedModel(path, trust_remote_code)
+            model.skeleton.lmpress_stored_dtypes = _stored_dtypes(path, model.skeleton)
+            return model, _load_tokenizer(path, config=skel.config, trust_remote_code=trust_remote_code)
+    return load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 def describe(model) -> dict:
@@ -157,10 +180,10 @@ def compress(
     if owned:
         model, tokenizer = load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if gguf_type and out is not None:  # what the GGUF writer would refuse, refused before the work
-        from .formats.gguf import architecture, tokenizer_pre
+        from .formats.gguf import architecture, check_tokenizer
 
         architecture(model)
-        tokenizer_pre(tokenizer)
+        check_tokenizer(tokenizer)
     calib_needed = any(rc.needs_calibration(c) for c in recipe)
     if calib_needed:
         arch.check_positions(model, data.calib_len, "--calib-len")
@@ -201,27 +224,15 @@ def compress(
 
 def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream, allow_pickle, trust_remote_code):
     """``(skeleton, report)`` of a streamed run when ``stream`` or the memory budget asks for one, else None."""
-    from . import formats
     from . import stream as st
     from .data import prepare
     from .errors import InputError
-    from .io import _check_folder, _check_remote_code, _load_tokenizer, _metadata, resolve_model_path
+    from .io import _load_tokenizer, _metadata
 
-    path = resolve_model_path(spec)
-    if not path.is_file():
-        raw = _check_folder(path, allow_pickle)
-        _check_remote_code(path, raw, trust_remote_code)
-    if path.is_file() or formats.detect(raw) != "hf" or not any(path.glob("*.safetensors")):
-        if stream:
-            raise InputError(f"{path}: streaming reads a Hugging Face safetensors folder; this is a GGUF file, pickle "
-                             "weights or an lmpress output: convert it (lmpress export IN --format hf) or compress it in memory")
+    found = _streamable(spec, stream, allow_pickle, trust_remote_code, "compress")
+    if found is None:
         return None
-    try:
-        skel = st.skeleton(path, trust_remote_code)
-    except (ValueError, KeyError, OSError, InputError):
-        if stream:
-            raise
-        return None  # the in-memory load says what is wrong with the folder
+    path, skel = found
     go, plan = st.decide(skel, data, max_memory)
     if not (stream or go):
         return None
@@ -241,6 +252,32 @@ def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
               "estimate_in_memory_bytes": plan["in_memory"], "estimate_streaming_bytes": plan["streaming"]}
     return model, {"methods": steps, "output": info["streamed"]["output"], "memory": memory,
                    "not_measured": "a streamed run measures no perplexity; run lmpress eval on the output"}
+
+
+def _streamable(spec, stream, allow_pickle, trust_remote_code, verb: str):
+    """``(path, skeleton)`` of a model folder that can be read block by block, or None (it is loaded
+    in memory instead); with ``stream`` True, a clear error for one that cannot."""
+    from . import formats
+    from . import stream as st
+    from .errors import InputError
+    from .io import _check_folder, _check_remote_code, resolve_model_path
+
+    path = resolve_model_path(spec)
+    if not path.is_file():
+        raw = _check_folder(path, allow_pickle)
+        _check_remote_code(path, raw, trust_remote_code)
+    if path.is_file() or formats.detect(raw) != "hf" or not any(path.glob("*.safetensors")):
+        if stream:
+            raise InputError(f"{path}: streaming reads a Hugging Face safetensors folder of float weights; this is a GGUF "
+                             "file, pickle weights or an lmpress output (compressed-tensors or lmpress's layout, whose packed "
+                             f"layers are not read block by block): convert it (lmpress export IN --format hf) or {verb} it in memory")
+        return None
+    try:
+        return path, st.skeleton(path, trust_remote_code)
+    except (ValueError, KeyError, OSError, InputError):
+        if stream:
+            raise
+        return None  # the in-memory load says what is wrong with the folder
 
 
 def solve_for_gguf(cfg, gguf_type: str):

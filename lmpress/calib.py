@@ -273,7 +273,7 @@ class BlockSource(Protocol):
     def resume(self) -> tuple[int, list[torch.Tensor] | None]: ...  # first block to run, its inputs (None: capture)
     def captured(self) -> None: ...  # block 0's inputs are captured: the embedding may go
     def load(self, i: int) -> None: ...
-    def release(self, i: int, next_inputs: list[torch.Tensor]) -> None: ...
+    def release(self, i: int, next_inputs: list[torch.Tensor] | None) -> None: ...  # None: no calibration pass
     def done(self) -> None: ...  # after the last block: the rest of the model (embedding, norm, head)
 
 
@@ -334,6 +334,11 @@ def walk_blocks(
         calib = rank_share(calib, batch_size, rank, world)
     source = block_source(model)
     start, inputs = source.resume() if source else (0, None)
+    if start and inputs is None:
+        from .errors import InputError
+
+        raise InputError(f"resuming at block {start} needs that block's checkpointed inputs, and the partial output has none "
+                         "(its hidden/ folder was removed): delete the partial output (.OUT.partial) to start again")
     extras = record_extras(model, calib[:1])
     if inputs is None:
         inputs = first_inputs(model, calib, batch_size)
@@ -357,6 +362,29 @@ def walk_blocks(
         del ctx
         if source:
             source.release(i, inputs)
+    if source:
+        source.done()
+
+
+def each_block(model: nn.Module, fn: Callable[[str, nn.Module], None], *, progress: bool | str = True) -> None:
+    """Call ``fn(name, block)`` on each decoder block in order, with no calibration pass: for methods
+    that read only the weights (RTN, plain SVD). A streamed model (:func:`block_source`) has each
+    block materialised before its turn and written out and freed after it, as in :func:`walk_blocks`."""
+    from .progress import bar
+
+    spec = arch.spec_for(model)
+    blocks = arch.blocks(model)
+    source = block_source(model)
+    start = source.resume()[0] if source else 0
+    if source:
+        source.captured()
+    label = progress if isinstance(progress, str) else "blocks"
+    for i in bar(range(start, len(blocks)), desc=label, enabled=bool(progress)):
+        if source:
+            source.load(i)
+        fn(f"{spec.blocks}.{i}", blocks[i])
+        if source:
+            source.release(i, None)
     if source:
         source.done()
 

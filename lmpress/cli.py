@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the .gguf MODEL in llama.cpp (perplexity, KL, prefill/decode speed inside llama.cpp, "
                         "on the same windows), beside lmpress's own figures (extra: lmpress[llamacpp])")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE ('-' for stdout)")
+    _add_memory(p, "evaluate")
     p = sub.add_parser("info", help="architecture, parameter split, and the layers compression touches")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -73,10 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="do not measure before/after")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-' for stdout)")
-    p.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: compress block by block from the weight "
-                   "files (streaming) when the model does not fit it (default: the memory available)")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="force streaming (--stream) or in-memory compression (--no-stream)")
+    _add_memory(p, "compress")
     g = p.add_argument_group("method options (each applies to the methods that have it)")
     g.add_argument("--bits", type=int)
     g.add_argument("--group-size", type=int, help="quantization group size (columns per scale); -1 per channel")
@@ -112,10 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args):
-    from .io import load_model
+def _add_memory(p, verb: str) -> None:
+    p.add_argument("--max-memory", metavar="SIZE", help=f"memory budget, e.g. 8GiB: {verb} block by block from the weight "
+                   "files (streaming) when the model does not fit it (default: the memory available)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="force streaming (--stream) or in-memory (--no-stream); see docs/scale.md")
 
-    return load_model(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+
+def _open(args, spec):
+    """A model to evaluate: in memory, or streamed block by block when it does not fit (``--max-memory``, ``--stream``)."""
+    from .api import open_model
+    from .stream import parse_size
+
+    budget = parse_size(args.max_memory) if args.max_memory else None
+    return open_model(spec, data=_data_cfg(args), max_memory=budget, stream=args.stream, allow_pickle=args.allow_pickle,
+                      trust_remote_code=args.trust_remote_code)
 
 
 def _data_cfg(args):
@@ -136,12 +145,14 @@ def cmd_eval(args) -> None:
 
         llamacpp.require()
         llamacpp.check_gguf(args.model or "")
-    model, tok = _load(args)
-    ref = None
-    if args.reference:
-        from .io import load_model
+    model, tok = _open(args, args.model)
+    if getattr(model, "streamed", False) and (args.task or args.lm_eval or args.engine):
+        from .errors import InputError
 
-        ref, _ = load_model(args.reference, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        raise InputError("--task, --lm-eval and --engine need the whole model in memory, and it does not fit the memory "
+                         "budget (--max-memory, or the memory available): drop them to stream perplexity and KL, or "
+                         "raise --max-memory")
+    ref = _open(args, args.reference)[0] if args.reference else None
     stream = None
     if args.engine:  # both engines score the same token ids
         from .data import prepare

@@ -48,10 +48,14 @@ def windows(stream: torch.Tensor, context: int, bos: int | None, stride: int | N
 
 
 def _batches(model, ids: torch.Tensor, progress: bool, desc: str):
-    """Yield ``(start_row, log_probs (b, T, V) float32)`` for batches of windows."""
+    """Yield ``(start_row, log_probs (b, T, V) float32)`` for batches of windows (a streamed model,
+    :class:`lmpress.stream.StreamedModel`: the same batches, its blocks read one at a time)."""
     vocab = model.config.vocab_size
     per_row = ids.shape[1] * vocab * 4 * 2
     b = max(1, min(len(ids), LOGIT_BYTES // per_row))
+    if getattr(model, "streamed", False):
+        yield from model.log_probs(ids, b, progress, desc)
+        return
     for s in bar(range(0, len(ids), b), desc=desc, enabled=progress):
         with torch.inference_mode():  # never yield inside: a suspended generator would leave it on
             logp = torch.log_softmax(model(ids[s : s + b], use_cache=False).logits.float(), dim=-1)

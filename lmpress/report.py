@@ -22,6 +22,7 @@ FORMATS = {
     "mc_items": ("zero-shot items", "{:,}"),
     "eval_tokens": ("evaluated tokens", "{:,}"),
     "eval_seconds": ("perplexity wall time", "{:.1f} s"),
+    "streamed": ("streamed", "{}"),
 }
 
 

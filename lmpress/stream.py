@@ -24,9 +24,9 @@ equal the in-memory ``model.safetensors``). An interrupted run leaves ``.OUT.par
 the same command resumes after the last finished block, with the same bytes as an uninterrupted run.
 
 Streamed: the methods that work block by block through the pipeline (:data:`STREAMED`). The others
-need the whole model at once (distillation, width and depth pruning's global importance, low-rank
-methods whose budget is global) and say so when the model does not fit.
-"""
+need the whole model at once (distillation, width and depth pruning's global importance, allocations
+chosen over all blocks: OWL, the low-rank methods' ``energy``) and say so when the model does not fit.
+Low-rank factors are written in lmpress's own layout, sharded the same way."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from torch import nn
 from . import arch
 from .errors import InputError
 
-STREAMED = ("gptq", "wanda", "sparsegpt", "awq")
+STREAMED = ("rtn", "gptq", "wanda", "sparsegpt", "awq", "svd", "asvd", "svd-llm", "dsformer")
 WHOLE_MODEL = {"distill": "trains the whole student against the teacher",
                "prune-width": "ranks channels and heads over all blocks at once",
                "prune-depth": "scores every block before dropping any"}
@@ -160,9 +160,10 @@ def load_into(model: nn.Module, module: nn.Module, prefix: str, shards: Shards) 
 # ---- the block source ----------------------------------------------------------------------------
 class BlockStream:
     """:class:`lmpress.calib.BlockSource` of a streamed model: reads each block before its turn,
-    finishes, writes and frees it after (see the module docstring)."""
+    finishes, writes and frees it after (see the module docstring); with ``out`` None (evaluation)
+    it writes nothing."""
 
-    def __init__(self, model: nn.Module, shards: Shards, out: OutputShards, finish=None):
+    def __init__(self, model: nn.Module, shards: Shards, out: OutputShards | None, finish=None):
         self.model, self.shards, self.out, self.finish = model, shards, out, finish
         self.prefix = arch.spec_for(model).blocks
         self.blocks = arch.blocks(model)
@@ -172,7 +173,7 @@ class BlockStream:
         self.embed_name = next(n for n, m in model.named_modules() if m is self.embed)
 
     def resume(self):
-        start, inputs = self.out.resume_point()
+        start, inputs = self.out.resume_point() if self.out else (0, None)
         load_into(self.model, self.embed, f"{self.embed_name}.", self.shards)  # for capture / the extras
         return start, inputs
 
@@ -189,7 +190,8 @@ class BlockStream:
     def release(self, i: int, next_inputs: list[torch.Tensor]) -> None:
         if self.finish is not None:  # the method's finishing step, on this block (the others are meta)
             self.finish(self.model)
-        self.out.write_block(i, self.blocks[i], f"{self.prefix}.{i}.", next_inputs if i + 1 < len(self.blocks) else None)
+        if self.out is not None:
+            self.out.write_block(i, self.blocks[i], f"{self.prefix}.{i}.", next_inputs if i + 1 < len(self.blocks) else None)
         self.blocks[i] = self.empty.pop(i)
         _return_freed_memory()
         import time
@@ -244,23 +246,37 @@ class OutputShards:
         return f"model-{k + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
-        if self.resumed_at == 0:
-            return 0, None
-        return self.resumed_at, _load_hidden(self.partial / "hidden")
+        hidden = self.partial / "hidden"  # absent for methods with no calibration pass (RTN)
+        if self.resumed_at == 0 or not hidden.exists():
+            return self.resumed_at, None
+        return self.resumed_at, _load_hidden(hidden)
 
     def write_block(self, i: int, block: nn.Module, prefix: str, next_inputs) -> None:
         state = self._state(block, prefix)
-        if self.fmt == "compressed-tensors":
-            from .formats import compressed_tensors as ct
-
-            self.settings.update(ct.layer_settings(block, self.metadata, prefix))
+        self._record_layers(block, prefix)
         self._save(state, self.shard_name(i))
         if next_inputs is not None:
             _save_hidden(next_inputs, self.partial / "hidden")
         self.state["done"] = i + 1
         self._commit()
 
+    def _record_layers(self, module: nn.Module, prefix: str = "") -> None:
+        """Keep what the config records of ``module``'s compressed layers: their compressed-tensors
+        weights arguments, or lmpress's layer metadata."""
+        if self.fmt == "compressed-tensors":
+            from .formats import compressed_tensors as ct
+
+            self.settings.update(ct.layer_settings(module, self.metadata, prefix))
+        elif self.fmt == "lmpress":
+            from .formats import layer_metadata
+
+            self.settings.update({prefix + k: v for k, v in layer_metadata(module).items()})
+
     def _state(self, module: nn.Module, prefix: str, skip: str | None = None) -> dict[str, torch.Tensor]:
+        if self.fmt == "lmpress":
+            from .formats import native
+
+            return native.checkpoint_state(module, prefix, skip)
         if self.fmt == "compressed-tensors":
             from .formats import compressed_tensors as ct
 
@@ -288,10 +304,7 @@ class OutputShards:
     def finish(self, model: nn.Module, tokenizer, skip: str) -> Path:
         """Write the rest (embedding, norm, head), config, index and tokenizer; rename into place."""
         state = self._state(model, "", skip=skip)
-        if self.fmt == "compressed-tensors":  # a quantized head (the blocks are back on the meta device)
-            from .formats import compressed_tensors as ct
-
-            self.settings.update(ct.layer_settings(model, self.metadata))
+        self._record_layers(model)  # a quantized head (the blocks are back on the meta device, as loaded)
         if self.fmt == "hf":
             state = _untied(state)
         self._save(state, self.shard_name(self.n))
@@ -313,6 +326,11 @@ class OutputShards:
         return self.out
 
     def _config(self, model: nn.Module) -> None:
+        if self.fmt == "lmpress":
+            from .formats import native
+
+            native.write_config(model.config, self.partial, self.metadata, self.settings)
+            return
         if self.fmt == "compressed-tensors":
             from .formats import compressed_tensors as ct
 
@@ -418,8 +436,9 @@ def available_memory() -> int:
 BASELINE = 450 << 20  # a process with torch, transformers, a tokenizer and calibration ids (measured ~0.37 GiB)
 
 
-def memory_plan(model: nn.Module, calib_rows: int, calib_len: int) -> dict:
-    """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights)."""
+def memory_plan(model: nn.Module, calib_rows: int, calib_len: int, copies: int = 2) -> dict:
+    """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights);
+    ``copies`` of the weights in memory (compress keeps the original beside the compressed copy)."""
     per_block = [sum(p.numel() for p in b.parameters()) * 4 for b in arch.blocks(model)]
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -428,14 +447,16 @@ def memory_plan(model: nn.Module, calib_rows: int, calib_len: int) -> dict:
     hessians = 2 * widest * widest * 4 + 3 * hidden * hidden * 4  # the widest input's H and its factor, the others
     emb = model.get_input_embeddings().weight.numel() * 4
     # in memory: the loaded model and the compressed copy (compress keeps the original), one set of hidden states
-    return {"in_memory": BASELINE + 2 * total + acts,
+    return {"in_memory": BASELINE + copies * total + acts,
             "streaming": BASELINE + max(emb + acts, max(per_block) + hessians + acts), "weights_float32": total}
 
 
-def decide(model: nn.Module, data, max_memory: int | None) -> tuple[bool, dict]:
+def decide(model: nn.Module, data, max_memory: int | None, evaluation: bool = False) -> tuple[bool, dict]:
     """Whether to stream: when the in-memory estimate exceeds ``max_memory`` (default: the memory
-    available now). Returns ``(stream, plan)``."""
-    plan = memory_plan(model, data.calib_samples, data.calib_len)
+    available now). Returns ``(stream, plan)``. ``evaluation``: one copy of the weights, the
+    evaluation windows' hidden states (an upper bound: ``context`` tokens per ``context - 1``)."""
+    rows, length = (data.eval_tokens, 1) if evaluation else (data.calib_samples, data.calib_len)
+    plan = memory_plan(model, rows, length, copies=1 if evaluation else 2)
     budget = max_memory if max_memory is not None else available_memory()
     plan["budget"] = budget
     return plan["in_memory"] > budget, plan
@@ -447,7 +468,7 @@ def check_streamable(recipe: list) -> None:
 
     if len(recipe) != 1:
         raise InputError(f"a recipe of {len(recipe)} steps needs the whole model in memory, which does not fit the memory "
-                         "budget; stream one layer-wise step at a time (gptq, wanda, sparsegpt, awq), or raise --max-memory")
+                         f"budget; stream one layer-wise step at a time ({', '.join(STREAMED)}), or raise --max-memory")
     cfg = recipe[0]
     if cfg.method in WHOLE_MODEL:
         raise InputError(f"{cfg.method} needs the whole model in memory at once (it {WHOLE_MODEL[cfg.method]}), and the "
@@ -456,9 +477,12 @@ def check_streamable(recipe: list) -> None:
     if cfg.method not in STREAMED:
         raise InputError(f"{cfg.method} is not streamed block by block yet, and the model does not fit the memory budget "
                          f"(--max-memory, or the memory available); the streamed methods are {', '.join(STREAMED)}")
-    if getattr(cfg, "allocation", "uniform") != "uniform":
-        raise InputError(f"{cfg.method} with allocation={cfg.allocation} measures every block before pruning any (two passes "
-                         "over the whole model); streamed, use allocation: uniform, or raise --max-memory")
+    if getattr(cfg, "allocation", "uniform") != "uniform" and getattr(cfg, "k", None) is None:
+        raise InputError(f"{cfg.method} with allocation={cfg.allocation} measures every block before changing any (a pass "
+                         "over the whole model, then a global choice); streamed, use allocation: uniform, or raise --max-memory")
+    if getattr(cfg, "gguf", None):
+        raise InputError(f"{cfg.method} with gguf={cfg.gguf} solves on llama.cpp's grids and is written as one GGUF file in "
+                         "memory; drop gguf to stream (compressed-tensors output), or raise --max-memory")
     if rc.entry(cfg.method).finish and getattr(cfg, "bits", None):
         raise InputError("sparsegpt with bits (joint pruning and quantization) is not streamed yet; raise --max-memory")
 
@@ -533,15 +557,88 @@ def _finish_step(cfg):
     return run
 
 
+HOLDS = {"hf": ("prune",), "compressed-tensors": ("quant", "prune"), "lmpress": ("quant", "prune", "lowrank")}
+AUTO = {"quant": "compressed-tensors", "prune": "hf", "lowrank": "lmpress"}
+
+
 def _stream_format(cfg, format: str) -> str:
     """The output format of a streamed run: what ``auto`` picks for the method's layers, decided
-    before any block is written (compressed-tensors for quantization, hf for pruning)."""
+    before any block is written (compressed-tensors for quantization, hf for pruning, lmpress's own
+    layout for low-rank factors)."""
     family = type(cfg).family
-    auto = "compressed-tensors" if family == "quant" else "hf"
-    fmt = auto if format == "auto" else format
-    if fmt not in ("hf", "compressed-tensors"):
-        raise InputError(f"a streamed model is written as hf or compressed-tensors, not {fmt!r}; choose one of them "
+    fmt = AUTO[family] if format == "auto" else format
+    if fmt not in HOLDS:
+        raise InputError(f"a streamed model is written as {', '.join(HOLDS)}, not {fmt!r}; choose one of them "
                          "(or auto), or raise --max-memory")
-    if fmt == "hf" and family == "quant":
-        raise InputError("a plain hf folder cannot hold quantized layers; use --format compressed-tensors (or auto)")
+    if family not in HOLDS[fmt]:
+        raise InputError(f"a {fmt} folder cannot hold the layers {cfg.method} makes; use --format {AUTO[family]} (or auto)")
     return fmt
+
+
+# ---- streamed evaluation -------------------------------------------------------------------------
+class StreamedModel:
+    """A model folder evaluated block by block (``lmpress eval --stream``, :func:`lmpress.evaluate`):
+    its skeleton (config, shapes, parameter counts) and :meth:`log_probs` of token windows, computed
+    with one block in memory at a time through the one calibration pipeline."""
+
+    streamed = True
+
+    def __init__(self, folder: Path, trust_remote_code: bool = False):
+        self.folder, self.trust_remote_code = Path(folder), trust_remote_code
+        self.skeleton = skeleton(self.folder, trust_remote_code)
+        if getattr(self.skeleton.config, "tie_word_embeddings", False):
+            self.skeleton.tie_weights()  # counted once, as a loaded model holds it
+        self.config = self.skeleton.config
+        self.shards = Shards(self.folder)
+
+    def get_output_embeddings(self):
+        return self.skeleton.get_output_embeddings()
+
+    def log_probs(self, ids: torch.Tensor, batch: int, progress: bool, desc: str):
+        """Yield ``(start_row, log_probs (b, T, V) float32)`` for the windows ``ids`` (W, T) in batches of
+        ``batch``: the hidden states of all windows go through each block in turn (read, applied,
+        freed), then the final norm and head run batch by batch."""
+        model = skeleton(self.folder, self.trust_remote_code)  # a fresh one: its rest is freed with it
+        hidden = final_hidden(model, self.shards, ids, batch, progress=desc if progress else False)
+        for k, h in enumerate(hidden):
+            with torch.inference_mode():
+                logits = head_logits(model, ids[k * batch : (k + 1) * batch], h)
+            yield k * batch, torch.log_softmax(logits.float(), dim=-1)
+
+
+def final_hidden(model: nn.Module, shards: Shards, ids: torch.Tensor, batch: int, progress) -> list[torch.Tensor]:
+    """The last block's outputs for the windows ``ids`` (W, T), one (b, T, hidden) tensor per batch,
+    with each block read before its turn and freed after; the rest of the model is loaded at the end."""
+    from .calib import walk_blocks
+
+    out: list[torch.Tensor] = []
+    last = len(arch.blocks(model)) - 1
+
+    def keep_outputs(ctx):  # walk_blocks advances every block but the last
+        ctx.advance()
+        out.extend(ctx.inputs)
+
+    model.lmpress_blocks = BlockStream(model, shards, None)
+    try:
+        walk_blocks(model, ids, keep_outputs, batch_size=batch, progress=progress, blocks_to_visit=[last])
+    finally:
+        del model.lmpress_blocks
+    return out
+
+
+def head_logits(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own forward over ``ids`` (b, T) with its blocks replaced by ``hidden`` (b, T, hidden),
+    the last block's outputs: what follows the blocks (final norm, head, logit scaling) runs as the
+    model defines it. Returns the logits (b, T, V)."""
+    blocks = arch.blocks(model)
+
+    def through(i):
+        return lambda *args, **kw: hidden if i == 0 else args[0]
+
+    for i, b in enumerate(blocks):
+        b.forward = through(i)  # an instance attribute, as calib.record_extras does
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        for b in blocks:
+            del b.forward

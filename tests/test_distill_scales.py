@@ -98,3 +98,33 @@ def test_scale_training_refuses_what_it_cannot_do(setup):
         DistillConfig(train="scales", qat_bits=4)
     with pytest.raises(ValueError, match="train must be"):
         DistillConfig(train="codes")
+
+
+def test_trained_packed_scales_keep_codes_and_zeros_and_lower_the_kl(setup, tmp_path):
+    import copy
+
+    from lmpress.api import compress
+    from lmpress.data import DataConfig, prepare
+    from lmpress.io import load_model
+    from lmpress.quant.qlinear import QuantLinear
+    from lmpress.recipe import make_config
+
+    model, tok, text = setup
+    teacher = copy.deepcopy(model)
+    data = DataConfig(corpus=text, calib_samples=4, calib_len=64, eval_tokens=64)
+    gptq = make_config("gptq", bits=3, group_size=64, head_bits=8)
+    base, _ = compress(copy.deepcopy(model), [gptq], tok, data=data, measure=False, progress=False)
+    tune = make_config("distill", train="scales", data="calib", seq_len=64, tokens=64 * 16, batch_size=1, lr=0.002,
+                       grad_clip=0.0, warmup=0.0)
+    out = tmp_path / "out"
+    tuned, _ = compress(model, [gptq, tune], tok, data=data, out=out, measure=False, progress=False)
+    calib, _ = prepare(tok, data, need_eval=False)
+    assert _kl_on(tuned, teacher, calib) < 0.9 * _kl_on(base, teacher, calib)
+    a = {n: m for n, m in base.named_modules() if isinstance(m, QuantLinear)}
+    b = {n: m for n, m in tuned.named_modules() if isinstance(m, QuantLinear)}
+    assert a.keys() == b.keys() and "lm_head" in a  # the 8-bit head trains too
+    for n in a:
+        assert torch.equal(a[n].qweight, b[n].qweight) and torch.equal(a[n].zeros, b[n].zeros), n
+    assert sum(not torch.equal(a[n].scales, b[n].scales) for n in a) == len(a)
+    loaded, _ = load_model(out)  # the folder holds the trained scales
+    torch.testing.assert_close(loaded(calib[:1]).logits, tuned(calib[:1]).logits, atol=1e-4, rtol=1e-4)

@@ -26,7 +26,7 @@ evaluate = importlib.import_module("lmpress.evaluate")  # the module (lmpress.ev
 from lmpress.formats.gguf import write_gguf  # noqa: E402
 from lmpress.llamacpp import evaluate_gguf, speed  # noqa: E402
 from lmpress.quant import ggml  # noqa: E402
-from tests.test_gguf_writer import bpe_tokenizer, grid_model, tiny_llama  # noqa: E402
+from tests.test_gguf_writer import SPM_TEXTS, bpe_tokenizer, grid_model, spm_tokenizer, tiny_llama  # noqa: E402
 
 
 @pytest.mark.parametrize("gtype,arch", [*[(t, "llama") for t in ggml.TYPES], ("Q4_K", "qwen2"), ("Q8_0", "qwen2"),
@@ -50,6 +50,22 @@ def test_llama_cpp_logits_match_lmpress(tmp_path, gtype, arch):
     assert kl.max() < (2e-4 if arch == "gemma3" else 1e-4), kl
     if ggml.TYPES[gtype].bits <= 4:  # llama.cpp is far closer to lmpress's grid than the float model is
         assert _kl(ref, float_logits).max() > 10 * kl.max()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_llama_cpp_tokenizes_sentencepiece_as_hf(tmp_path, arch):
+    """A SentencePiece vocabulary (Gemma's flavour; Llama 2's, with its space prefix) tokenizes in llama.cpp to
+    the Hugging Face ids: spaces, newlines, tabs, digits, accents, a byte-fallback emoji, control tokens, BOS.
+    One exception, Llama 2's: text that starts with a space, which transformers' Metaspace leaves without its
+    prefix space and llama.cpp prefixes as SentencePiece itself does."""
+    tok, sp = spm_tokenizer(prefix=arch == "llama")
+    write_gguf(tiny_llama(hidden=64, inter=128, arch=arch, vocab=416), tok, tmp_path / "m.gguf", "Q8_0", {})
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    for t in SPM_TEXTS:
+        got = llm.tokenize(t.encode(), add_bos=True, special=True)
+        want = [tok.bos_token_id, *sp.encode(t)] if arch == "llama" and t[0] == " " else tok.encode(t)
+        assert got == want, t
+    llm.close()
 
 
 def _kl(p_logits, q_logits):

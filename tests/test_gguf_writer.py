@@ -28,6 +28,44 @@ def bpe_tokenizer(vocab_size=320):
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+SPM_TEXTS = ["the quick brown fox jumps over the lazy dog", "  two  spaces,\nnew lines\n\n and\ttabs ",
+             "digits 12345 and 3.14", "ünïcödé wörds: façade, naïve", "a llama 🦙 (byte fallback)",
+             "doublespaces edog verthe façadelines",  # words run together: merged in the wrong order without scores
+             "<start_of_turn>user\nhi<end_of_turn>"]
+
+
+def spm_tokenizer(prefix=False):
+    """A SentencePiece BPE trained in-process as Gemma's is (byte fallback, digits split, no dummy prefix,
+    <pad> <eos> <bos> <unk> first, control tokens for turns), wrapped as transformers wraps Gemma's
+    tokenizer.model (its merges: every split of a token into two tokens, in token order); ``prefix``:
+    Llama 2's flavour instead (a dummy space prefix, <unk> <s> </s>)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer, LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    text = ["the quick brown fox jumps over the lazy dog", "a model compressed is a model measured",
+            "numbers 123 4567 and  double  spaces\nnew lines\n\n", "wörds façade naïve ünïcödé"] * 30
+    ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1) if prefix else dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                                                          bos_piece="<bos>", eos_piece="<eos>")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
+        split_digits=True, add_dummy_prefix=prefix, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2,
+        control_symbols=[] if prefix else ["<mask>", "<start_of_turn>", "<end_of_turn>"], **ids)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    if prefix:
+        return LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_prefix_space=True, add_bos_token=True), sp
+    tok = GemmaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<start_of_turn>", "<end_of_turn>")],
+                   special_tokens=True)
+    return tok, sp
+
+
 def tiny_llama(hidden=64, inter=128, vocab=320, seed=0, tied=True, arch="llama", init=0.08):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -143,3 +181,54 @@ def test_other_architectures_read_back_with_the_same_logits(tmp_path, arch):
     ids = torch.tensor([tok.encode("the quick brown fox jumps over the lazy dog")])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, grid_model(model, "Q8_0")(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_spm_scores_follow_the_merge_order():
+    from lmpress.formats.gguf import spm_scores
+
+    merges = [["a", "b"], ["ab", "c"], ["a", "bc"], ["b", "c"]]  # "abc" twice: its first merge counts
+    assert spm_scores(["a", "ab", "abc", "bc", "<s>"], merges) == [-4.0, 0.0, -1.0, -3.0, -4.0]
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_sentencepiece_vocab_reads_back(tmp_path, prefix):
+    """A SentencePiece tokenizer (Gemma's flavour; Llama 2's with ``prefix``) is written as llama.cpp's converter
+    writes it, and lmpress.load_model of the file gives a tokenizer with the same ids (BOS included)."""
+    from lmpress.io import load_model
+
+    tok, sp = spm_tokenizer(prefix)
+    for t in SPM_TEXTS[:-1]:  # the fixture tokenizes as SentencePiece itself (but for a leading space with the prefix)
+        assert tok.encode(t, add_special_tokens=False) == sp.encode(t) or prefix and t[0] == " ", t
+    arch = "llama" if prefix else "gemma3"
+    model = tiny_llama(hidden=64, inter=128, arch=arch, vocab=416)  # 16 ids the tokenizer does not use
+    write_gguf(model, tok, tmp_path / "m.gguf", "Q8_0", {})
+    f = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert f["tokenizer.ggml.model"].contents() == "llama" and f["tokenizer.ggml.pre"].contents() == "default"
+    assert f["tokenizer.ggml.add_space_prefix"].contents() == prefix and f["tokenizer.ggml.add_bos_token"].contents()
+    tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
+    scores = f["tokenizer.ggml.scores"].contents()
+    assert len(tokens) == len(types) == len(scores) == 416 and tokens[415] == "[PAD415]" and types[415] == 5
+    unk, bos = tok.unk_token_id, tok.bos_token_id
+    assert types[unk] == 2 and types[bos] == 3 and types[tokens.index("<0x41>")] == 6  # UNKNOWN, CONTROL, BYTE
+    merged = tok.convert_ids_to_tokens(tok.encode("the quick", add_special_tokens=False))
+    assert all(scores[tokens.index(m)] > scores[bos] for m in merged if len(m) > 1)
+    _, loaded = load_model(tmp_path / "m.gguf")
+    for t in SPM_TEXTS:
+        assert loaded.encode(t) == tok.encode(t), t
+
+
+def test_refuses_tokenizers_llama_cpp_would_run_differently(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], unk_id=0))
+    plain_bpe = Tokenizer(models.BPE({"<unk>": 0, "a": 1, "b": 2, "ab": 3}, [("a", "b")], unk_token="<unk>"))
+    split_words, _ = spm_tokenizer()
+    split_words.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(split=True)
+    cases = [(PreTrainedTokenizerFast(tokenizer_object=unigram), "a Unigram model"),
+             (PreTrainedTokenizerFast(tokenizer_object=plain_bpe), "BPE without byte-level pre-tokenizer or byte fallback"),
+             (split_words, "before its BPE")]
+    for tok, why in cases:
+        with pytest.raises(InputError, match=why):
+            write_gguf(tiny_llama(vocab=416, arch="gemma3"), tok, tmp_path / "m.gguf", "Q8_0", {})
+    assert not list(tmp_path.iterdir())

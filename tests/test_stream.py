@@ -18,11 +18,18 @@ from lmpress.io import save_model
 from lmpress.recipe import make_config
 
 RECIPES = {
+    "rtn": lambda: make_config("rtn", bits=4, group_size=32, head_bits=8),
     "gptq": lambda: make_config("gptq", bits=4, group_size=32, head_bits=8),
     "gptq-3bit-sym": lambda: make_config("gptq", bits=3, group_size=-1, sym=True, act_order=False),
     "wanda": lambda: make_config("wanda", sparsity=0.5),
     "sparsegpt": lambda: make_config("sparsegpt", sparsity=0.5),
     "awq": lambda: make_config("awq", bits=4, group_size=32),
+    "svd": lambda: make_config("svd", ratio=0.7, allocation="uniform"),
+    "asvd": lambda: make_config("asvd", ratio=0.7, allocation="uniform"),
+    "svd-llm": lambda: make_config("svd-llm", ratio=0.7, allocation="uniform"),
+    "svd-llm-rank": lambda: make_config("svd-llm", rank=8, allocation="uniform"),
+    "dsformer": lambda: make_config("dsformer", ratio=0.7, allocation="uniform", iters=2),
+    "dsformer-k": lambda: make_config("dsformer", k=16, s=6, iters=2),  # k: no allocation pass, whatever allocation says
 }
 
 
@@ -102,17 +109,31 @@ def test_streamed_output_has_the_in_memory_bytes(src, tmp_path, name):
     assert not list(tmp_path.glob(".st.partial*"))
 
 
-def test_streamed_output_loads_and_gives_the_same_logits(src, tmp_path):
+@pytest.mark.parametrize("name", ["gptq", "wanda"])
+def test_lmpress_layout_streams_any_method_with_the_in_memory_bytes(src, tmp_path, name):
+    folder, corpus = src
+    _run(folder, RECIPES[name](), corpus, tmp_path / "mem", stream=False, format="lmpress")
+    _run(folder, RECIPES[name](), corpus, tmp_path / "st", stream=True, format="lmpress")
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["lmpress"]["format"] == "lmpress"
+    assert _merged_bytes(tmp_path / "st") == (tmp_path / "mem" / "model.safetensors").read_bytes()
+    assert (tmp_path / "st" / "config.json").read_bytes() == (tmp_path / "mem" / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("name, kind", [("gptq", "QuantLinear"), ("svd-llm", "LowRankLinear"), ("dsformer", "DenseSparseLinear")])
+def test_streamed_output_loads_and_gives_the_same_logits(src, tmp_path, name, kind):
+    """Also lmpress's own layout (low-rank factors) read back from a streamed save's shards."""
     from lmpress.io import load_model
 
     folder, corpus = src
-    recipe = RECIPES["gptq"]()
+    recipe = RECIPES[name]()
     _run(folder, recipe, corpus, tmp_path / "mem", stream=False)
     _run(folder, recipe, corpus, tmp_path / "st", stream=True)
     ids = torch.randint(3, 200, (1, 16))
+    streamed = load_model(tmp_path / "st")[0]
+    assert kind in {type(m).__name__ for m in streamed.modules()}
     with torch.no_grad():
         la = load_model(tmp_path / "mem")[0](ids).logits
-        lb = load_model(tmp_path / "st")[0](ids).logits
+        lb = streamed(ids).logits
     assert torch.equal(la, lb)
 
 
@@ -135,11 +156,12 @@ def test_bf16_shards_of_an_untied_model_stream_like_a_float32_load(tmp_path, mon
     assert _tensors(tmp_path / "mem") == _tensors(tmp_path / "st")
 
 
-def test_resume_after_interrupt_gives_identical_bytes(src, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["gptq", "rtn"])  # rtn: no calibration pass, no checkpointed hidden states
+def test_resume_after_interrupt_gives_identical_bytes(src, tmp_path, monkeypatch, name):
     from lmpress import stream
 
     folder, corpus = src
-    recipe = RECIPES["gptq"]()
+    recipe = RECIPES[name]()
     _run(folder, recipe, corpus, tmp_path / "ref", stream=True)
     real = stream.OutputShards.write_block
     loaded = []
@@ -185,8 +207,10 @@ def test_a_partial_output_of_other_options_is_not_resumed(src, tmp_path, monkeyp
 
 @pytest.mark.parametrize("method, fields, msg", [
     ("prune-width", {"target_params": 0.75}, "needs the whole model in memory"),
-    ("rtn", {"bits": 4}, "not streamed block by block yet"),
+    ("magnitude", {"sparsity": 0.5}, "not streamed block by block yet"),
     ("wanda", {"sparsity": 0.5, "allocation": "owl"}, "allocation: uniform"),
+    ("svd-llm", {"ratio": 0.8}, "allocation=energy measures every block"),  # the default allocation: global ranks
+    ("dsformer", {"ratio": 0.8}, "allocation=energy measures every block"),
 ])
 def test_methods_that_need_the_whole_model_say_so(src, tmp_path, method, fields, msg):
     folder, corpus = src
@@ -241,8 +265,12 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "mode": rep["memory"]["
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A model whose weights on disk (210 MB float32, 32 blocks) are far above what streaming may hold."""
-    tmp = tmp_path_factory.mktemp("big")
+    return big_folders(tmp_path_factory.mktemp("big"))
+
+
+def big_folders(tmp: Path):
+    """A model whose weights on disk (210 MB float32, 32 blocks) are far above what streaming may hold,
+    a small one of the same width for the warm-up, and a corpus."""
     folder = save_model(_model(layers=32, hidden=384, inter=1024, seed=1), tmp / "src", tokenizer=_tok(tmp))
     warm = save_model(_model(layers=2, hidden=384, inter=1024, seed=2), tmp / "warm", tokenizer=_tok(tmp))
     return folder, warm, _corpus(tmp)

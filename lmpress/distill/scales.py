@@ -1,17 +1,22 @@
-"""Training the stored scales of solved llama.cpp-grid layers against the teacher, codes fixed.
+"""Training the stored scales of quantized layers against the teacher, codes fixed.
 
-A layer solved on a ggml block grid (:class:`lmpress.quant.qlinear.GGMLLinear`) holds, per block of
-32 (or super-block of 256) weights, fp16 fields ``d`` (and ``m`` / ``dmin``) and everything else as
-integers (codes, sub-block scales). The weight llama.cpp reads is linear in the fp16 fields::
+A quantized layer holds, per group of weights, fp16 fields and everything else as integers, and its
+weight is linear in the fields::
 
-    W = d * A + m * B          (each block's fields broadcast over its weights; A, B fixed)
+    W = d * A + m * B          (each group's fields broadcast over its weights; A, B fixed)
 
-(:func:`lmpress.quant.ggml.fp16_bases`). GPTQ chooses the codes and refits the fields layer by layer;
-here the fields of every layer are trained together on the distillation loss of the whole model (the
-end-to-end step-size training of EfficientQAT's E2E-QP, arXiv 2407.11062, on llama.cpp's grids):
-the forward rounds them to fp16 with a straight-through estimator, so what is trained is what is
-stored, and :func:`finish_scales_` writes the rounded fields back into the layer's bytes. Each field
-is trained relative to its solved value (``d = d0 + |d0| a``), so one learning rate fits every layer.
+- lmpress's packed grid (:class:`lmpress.quant.qlinear.QuantLinear`, also what compressed-tensors
+  folders hold): ``W = s * (q - z)``, the fp16 group scale ``s`` the one field, ``A = q - z``;
+- llama.cpp's block grids (:class:`lmpress.quant.qlinear.GGMLLinear`): per block of 32 (or
+  super-block of 256) the fp16 ``d`` and ``m`` / ``dmin``, the codes and integer sub-block scales in
+  ``A``, ``B`` (:func:`lmpress.quant.ggml.fp16_bases`).
+
+GPTQ chooses the codes and fits the fields layer by layer; here the fields of every layer are trained
+together on the distillation loss of the whole model (the end-to-end step-size training of
+EfficientQAT's E2E-QP, arXiv 2407.11062): the forward rounds them to fp16 with a straight-through
+estimator, so what is trained is what is stored, and :func:`finish_scales_` writes the rounded fields
+back into the layer. Each field is trained relative to its solved value (``d = d0 + |d0| a``), so one
+learning rate fits every layer.
 """
 
 from __future__ import annotations
@@ -28,19 +33,42 @@ def fp16_ste(x: Tensor) -> Tensor:
     return x + (x.half().float() - x).detach()
 
 
+def _fields(layer) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """``(d, m, A, B)`` of a quantized layer: its fp16 fields (out, groups) and their bases (out, in)."""
+    from ..quant import ggml
+    from ..quant.qlinear import GGMLLinear
+
+    if isinstance(layer, GGMLLinear):
+        d, m = ggml.fp16_fields(layer.raw, layer.gtype)
+        return (d, m, *ggml.fp16_bases(layer.raw, layer.gtype, (layer.out_features, layer.in_features)))
+    from ..quant.pack import dequantize_packed
+
+    ones = torch.ones_like(layer.scales)
+    A = dequantize_packed(layer.qweight, ones, layer.zeros, layer.bits, layer.group_size, (layer.out_features, layer.in_features))
+    return layer.scales.float(), None, A, None
+
+
+def _store(layer, d: Tensor, m: Tensor | None) -> None:
+    """The fields (rounded to fp16) written into ``layer``."""
+    from ..quant import ggml
+    from ..quant.qlinear import GGMLLinear
+
+    if isinstance(layer, GGMLLinear):
+        layer.raw.copy_(ggml.with_fp16_fields(layer.raw, layer.gtype, d, m))
+        layer._cache = None  # its dequantized weight is keyed by the buffer, which stays
+    else:
+        layer.scales.copy_(d.half())
+
+
 class TunedScales(nn.Module):
-    """A :class:`GGMLLinear` whose fp16 block fields are parameters (module docstring)."""
+    """A quantized layer whose fp16 group fields are parameters (module docstring)."""
 
     lmpress_linear = True
 
     def __init__(self, layer):
-        from ..quant import ggml
-
         super().__init__()
-        self.layer = layer  # kept whole: its bytes get the trained fields back
-        shape = (layer.out_features, layer.in_features)
-        d, m = ggml.fp16_fields(layer.raw, layer.gtype)
-        A, B = ggml.fp16_bases(layer.raw, layer.gtype, shape)
+        self.layer = layer  # kept whole: it gets the trained fields back
+        d, m, A, B = _fields(layer)
         self.block = layer.in_features // d.shape[1]
         self.register_buffer("A", A)
         self.register_buffer("d0", d)
@@ -67,11 +95,12 @@ class TunedScales(nn.Module):
 
 
 def tune_scales_(model: nn.Module) -> int:
-    """Every ggml-grid linear of ``model`` becomes a :class:`TunedScales`; every other parameter is
-    frozen. Returns how many layers train."""
-    from ..quant.qlinear import GGMLLinear
+    """Every quantized linear of ``model`` (packed or on a ggml grid; not ternary) becomes a
+    :class:`TunedScales`; every other parameter is frozen. Returns how many layers train."""
+    from ..quant.qlinear import GGMLLinear, QuantLinear
 
-    names = [n for n, m in model.named_modules() if isinstance(m, GGMLLinear)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, GGMLLinear) or (isinstance(m, QuantLinear) and not m.ternary)]
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
@@ -81,15 +110,11 @@ def tune_scales_(model: nn.Module) -> int:
 
 @torch.no_grad()
 def finish_scales_(model: nn.Module) -> int:
-    """The trained fields written (fp16) into each layer's bytes and the :class:`GGMLLinear` put back;
-    a layer whose fields did not change keeps its bytes. Returns the number of layers."""
-    from ..quant import ggml
-
+    """The trained fields written (fp16) into each layer and the layer put back; a layer whose fields
+    did not change keeps its bytes. Returns the number of layers."""
     names = [n for n, m in model.named_modules() if isinstance(m, TunedScales)]
     for n in names:
         t = model.get_submodule(n)
-        d, m = t.fields()
-        t.layer.raw.copy_(ggml.with_fp16_fields(t.layer.raw, t.layer.gtype, d, m))
-        t.layer._cache = None  # its dequantized weight is keyed by the buffer, which stays
+        _store(t.layer, *t.fields())
         arch.set_module(model, n, t.layer)
     return len(names)

@@ -5,9 +5,11 @@ keys, tokenizer and tensor names llama.cpp's own converter (``convert_hf_to_gguf
 
 - architecture metadata (``{arch}.block_count``, ``.embedding_length``, ``.attention.head_count``,
   ``.rope.freq_base``, ...), ``general.file_type`` and ``general.quantization_version``;
-- the tokenizer as a GPT-2 byte-level BPE (``tokenizer.ggml.model = gpt2``): tokens, token types,
-  merges, special token ids, ``add_bos_token`` and the pre-tokenizer name ``tokenizer.ggml.pre``,
-  recognised, as the converter does, by the hash of the token ids of a fixed check text;
+- the tokenizer: a GPT-2 byte-level BPE as ``tokenizer.ggml.model = gpt2`` (tokens, token types,
+  merges and the pre-tokenizer name ``tokenizer.ggml.pre``, recognised, as the converter does, by the
+  hash of the token ids of a fixed check text); a SentencePiece BPE with byte fallback (Gemma, Llama 2)
+  as ``llama`` (tokens, scores that make llama.cpp merge in the tokenizer's merge order, token types,
+  ``add_space_prefix``); special token ids, ``add_bos_token`` / ``add_eos_token``;
 - the block linears on the grid of ``gtype`` (:mod:`lmpress.quant.ggml`, round-to-nearest; a row
   length the type's block does not divide gets llama.cpp's fallback type), the token embedding
   (and an untied output head) in ``embed_type`` (Q8_0, as llama.cpp's converter), norms and biases
@@ -119,10 +121,52 @@ def _hparams(writer, cfg) -> None:
         _gemma3_hparams(writer, cfg, head_dim)
 
 
-def _vocab(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
-    """Tokens, token types, merges and special tokens of a byte-level BPE ``tokenizer``, as the converter
-    writes them (ids without a token become ``[PAD{i}]``, UNUSED; added special tokens are CONTROL)."""
-    from gguf import SpecialVocab, TokenType
+def _tokenizer_json(tokenizer) -> dict:
+    """The tokenizers-library description (tokenizer.json) of a fast ``tokenizer``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise InputError(f"GGUF output reads the tokenizer's tokenizer.json; {type(tokenizer).__name__} has none "
+                         "(a slow tokenizer): save the model with a fast tokenizer (AutoTokenizer's default)")
+    return json.loads(backend.to_str())
+
+
+def _space_prefix(tokenizer) -> bool:
+    """Whether a SentencePiece ``tokenizer`` prefixes text with a space (llama.cpp's ``add_space_prefix``).
+    An error unless, before its BPE, it only escapes spaces as "▁" (and may prefix one) and keeps the
+    text one piece: what llama.cpp's SentencePiece tokenizer does."""
+    backend, probe = tokenizer.backend_tokenizer, "a b  c\nd"
+    text = backend.normalizer.normalize_str(probe) if backend.normalizer else probe
+    pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+    escaped = probe.replace(" ", "\u2581")
+    if pieces not in ([escaped], ["\u2581" + escaped]):
+        raise InputError(f"this SentencePiece tokenizer turns {probe!r} into {pieces} before its BPE; llama.cpp's "
+                         f"only writes spaces as '\u2581' ({escaped!r}), so lmpress cannot write it for llama.cpp")
+    return pieces[0] != escaped
+
+
+def check_tokenizer(tokenizer, pre: str | None = None) -> dict:
+    """How llama.cpp must run ``tokenizer``, as its converter decides, or an InputError naming what
+    lmpress cannot write: ``{"model": "gpt2", "pre": ...}`` for a byte-level BPE (the pre-tokenizer
+    recognised by :func:`tokenizer_pre` unless ``pre`` is given), ``{"model": "llama", "pre": "default",
+    "add_space_prefix": ..., "merges": [...]}`` for a SentencePiece BPE with byte fallback (Gemma, Llama 2)."""
+    tj = _tokenizer_json(tokenizer)
+    kind = tj["model"]["type"]
+    if kind == "BPE" and "ByteLevel" in json.dumps(tj.get("pre_tokenizer")):
+        return {"model": "gpt2", "pre": pre or tokenizer_pre(tokenizer)}
+    if kind == "BPE" and tj["model"].get("byte_fallback"):
+        return {"model": "llama", "pre": "default", "add_space_prefix": _space_prefix(tokenizer),
+                "merges": tj["model"]["merges"]}
+    what = "a BPE without byte-level pre-tokenizer or byte fallback" if kind == "BPE" else f"a {kind} model"
+    raise InputError(f"GGUF output writes byte-level BPE (GPT-2 style) and SentencePiece BPE (byte fallback: Gemma, "
+                     f"Llama 2) tokenizers; this tokenizer is {what}, which lmpress cannot write for llama.cpp yet")
+
+
+def _token_types(tokenizer, vocab_size: int, spm: bool) -> tuple[list[str], list[int]]:
+    """Tokens and token types as the converter writes them: ids without a token become ``[PAD{i}]``,
+    UNUSED; added special tokens are CONTROL, other added tokens USER_DEFINED (SentencePiece: spaces
+    written as spaces, as llama.cpp matches them in the raw text); SentencePiece's ``<0xXX>`` are BYTE
+    and its unknown token UNKNOWN."""
+    from gguf import TokenType
 
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
@@ -131,26 +175,59 @@ def _vocab(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
     tokens, types = [], []
     for i in range(vocab_size):
+        token, kind = by_id.get(i, f"[PAD{i}]"), TokenType.NORMAL
         if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        if i not in added:
-            types.append(TokenType.NORMAL)
-        else:
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or tokenizer_pre(tokenizer))
+            kind = TokenType.UNUSED
+        elif spm and i == tokenizer.unk_token_id:
+            kind = TokenType.UNKNOWN
+        elif i in added and added[i].special:
+            kind = TokenType.CONTROL
+        elif i in added:
+            kind = TokenType.USER_DEFINED
+            token = token.replace("\u2581", " ") if spm else token
+        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            kind = TokenType.BYTE
+        tokens.append(token)
+        types.append(kind)
+    return tokens, types
+
+
+def spm_scores(tokens: list[str], merges: list) -> list[float]:
+    """Scores for llama.cpp's SentencePiece tokenizer, which merges, among adjacent pieces whose join is a
+    token, the pair whose token scores highest: minus the rank of the first of ``merges`` (tokenizer.json's
+    BPE merges, best first) that makes the token, so llama.cpp merges in the Hugging Face tokenizer's
+    order; tokens no merge makes score below all of them."""
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault("".join(m) if isinstance(m, list) else m.replace(" ", "", 1), r)
+    floor = -float(len(merges))
+    return [-float(rank[t]) if t in rank else floor for t in tokens]
+
+
+def _vocab(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """The tokenizer as llama.cpp's converter writes it: a byte-level BPE as ``gpt2`` (tokens, types,
+    merges, ``tokenizer.ggml.pre``), a SentencePiece BPE as ``llama`` (tokens, scores, types,
+    ``add_space_prefix``); special token ids and whether BOS / EOS are added, as the tokenizer does."""
+    from gguf import SpecialVocab
+
+    how = check_tokenizer(tokenizer, pre)
+    spm = how["model"] == "llama"
+    tokens, types = _token_types(tokenizer, vocab_size, spm)
+    writer.add_tokenizer_model(how["model"])
+    writer.add_tokenizer_pre(how["pre"])
     writer.add_token_list(tokens)
+    if spm:
+        writer.add_token_scores(spm_scores(tokens, how["merges"]))
+        writer.add_add_space_prefix(how["add_space_prefix"])
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        special = SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
+        special = SpecialVocab(tmp, load_merges=not spm, n_vocab=vocab_size)
+    if not spm and not special.merges:
         raise InputError("GGUF output needs a byte-level BPE tokenizer with merges (tokenizer.json); this one has none")
-    bos = tokenizer.bos_token_id
-    special.add_special_token["bos"] = bos is not None and tokenizer.encode("a")[:1] == [bos]  # as it tokenizes
+    ids = tokenizer.encode("a")  # with the special tokens the tokenizer adds
+    for name, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
+        special.add_special_token[name] = tid is not None and (ids[:1] if name == "bos" else ids[-1:]) == [tid]
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -242,10 +319,11 @@ def _file_type(gtype: str) -> int:
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gtype: str, metadata: dict, *,
                embed_type: str = "Q8_0", pre: str | None = None, types: dict[str, str] | None = None) -> dict[str, str]:
-    """Write ``model`` (a float Llama, Qwen2 or Qwen3 decoder) and its byte-level BPE ``tokenizer`` to the GGUF
-    file ``path``, block linears in ``gtype`` (a block type, or ``F16``/``F32``), embeddings in ``embed_type`` (a block type, ``F16`` or
-    ``F32``), ``metadata`` (JSON-able, lmpress's recipe) under ``lmpress.metadata``; ``pre`` overrides
-    the detected pre-tokenizer name. ``types`` (``{state-dict name: ggml type}``, e.g. llama.cpp's rule
+    """Write ``model`` (a Llama, Qwen2, Qwen3 or Gemma 3 decoder) and its ``tokenizer`` (byte-level or
+    SentencePiece BPE, :func:`check_tokenizer`) to the GGUF file ``path``, block linears in ``gtype`` (a
+    block type, or ``F16``/``F32``), embeddings in ``embed_type`` (a block type, ``F16`` or ``F32``),
+    ``metadata`` (JSON-able, lmpress's recipe) under ``lmpress.metadata``; ``pre`` overrides a byte-level
+    BPE's detected pre-tokenizer name. ``types`` (``{state-dict name: ggml type}``, e.g. llama.cpp's rule
     from :func:`lmpress.quant.gguf_mix.plan`) overrides both, ``gtype`` then naming the file type.
     Layers already solved on a ggml grid are written as they are. Written to a temporary file that is
     then renamed, so ``path`` never holds half a file. Returns ``{tensor name: ggml type}``."""

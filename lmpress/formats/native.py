@@ -35,14 +35,16 @@ def unsupported(model: nn.Module) -> str | None:
     return None  # holds every model lmpress makes
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _unique_state(model: nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
     """State dict with each tensor once (tied weights saved under their first name), plus the
-    non-persistent buffers, so loading needs no initialisation code."""
+    non-persistent buffers, so loading needs no initialisation code; the names under ``skip`` left out."""
     seen: set = set()
     out = {}
     items = dict(model.state_dict())
     items.update({k: v for k, v in model.named_buffers() if k not in items})
     for k, v in items.items():
+        if skip and k.startswith(skip):
+            continue
         key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else id(v)
         if key in seen:
             continue
@@ -54,12 +56,22 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def write(model: nn.Module, folder: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    cfg = model.config.to_dict()
-    info = {**metadata, "version": FORMAT_VERSION, "format": "lmpress", "model_type": cfg["model_type"],
-            "layers": layer_metadata(model)}
+    write_config(model.config, folder, metadata, layer_metadata(model))
+    save_file(_unique_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders several differently run to run
+
+
+def write_config(config, folder: Path, metadata: dict, layers: dict[str, dict]) -> None:
+    """``config.json``: the model's config under the refusing ``model_type``, with lmpress's metadata
+    and ``layers`` (:func:`lmpress.formats.layer_metadata`; a streamed save gathers it block by block)."""
+    cfg = config.to_dict()
+    info = {**metadata, "version": FORMAT_VERSION, "format": "lmpress", "model_type": cfg["model_type"], "layers": layers}
     cfg.update(model_type=REFUSAL, lmpress=info)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_file(_unique_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders several differently run to run
+
+
+def checkpoint_state(module: nn.Module, prefix: str = "", skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors :func:`write` saves for ``module`` (named ``prefix`` in its model), without the names under ``skip``."""
+    return {prefix + k: v for k, v in _unique_state(module, skip).items()}
 
 
 def config_of(raw: dict, where: Path):
@@ -85,7 +97,7 @@ def read(path: Path, raw: dict) -> nn.Module:
     info = raw["lmpress"]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = load_file(str(path / "model.safetensors"))
+    state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}  # a streamed save's shards too
     try:
         for name, meta in info.get("layers", {}).items():
             meta = dict(meta)

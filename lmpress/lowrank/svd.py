@@ -225,6 +225,8 @@ def svd_(model: nn.Module, cfg: SVDConfig, ctx) -> dict:
     """Factor every block linear in place (SVD, ASVD or SVD-LLM, by ``cfg``); returns per-layer ranks
     and relative errors (weight error for SVD, output error on the calibration inputs otherwise).
     """
+    from ..calib import each_block
+
     targets = dense_targets(model, cfg.method)
     names, shapes = list(targets), [shape_of(m) for m in targets.values()]
     spectra = None
@@ -233,9 +235,13 @@ def svd_(model: nn.Module, cfg: SVDConfig, ctx) -> dict:
     ranks = dict(zip(names, budget_ranks(cfg, shapes, [spectra[n] for n in names] if spectra else None)))
     layers: dict[str, dict] = {}
     raised: dict[str, float] = {}
-    if cfg.method == "svd":
-        for name, m in targets.items():
-            layers[name] = _replace(model, name, m, None, ranks[name])
+    if cfg.method == "svd":  # block by block (a streamed model's blocks are read in turn)
+        def per_block(prefix, block):
+            for n, m in arch.block_linears(block).items():
+                if f"{prefix}.{n}" in ranks:
+                    layers[f"{prefix}.{n}"] = _replace(model, f"{prefix}.{n}", m, None, ranks[f"{prefix}.{n}"])
+
+        each_block(model, per_block, progress=cfg.method if ctx.progress else False)
     else:
         def visit(block_name, group, linears, st):
             S, used = _scaling(cfg, st)  # one per group: its linears share the input

@@ -1,0 +1,144 @@
+"""Streamed evaluation (lmpress.stream.StreamedModel): perplexity and KL of a model folder computed
+block by block from its weight files equal the in-memory figures; what cannot stream says so."""
+
+import pytest
+import torch
+from test_cli import _tok
+from test_stream import RECIPES, _corpus, _data, _model, _run, big_folders
+
+from lmpress.api import evaluate, open_model
+from lmpress.errors import InputError
+from lmpress.io import load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stream_eval")
+    folder = save_model(_model(), tmp / "src", tokenizer=_tok(tmp))
+    return folder, _corpus(tmp)
+
+
+def _figures(model, tok, corpus, **kw):
+    return evaluate(model, tok, data=_data(corpus), context=64, measure_speed=False, progress=False, **kw)
+
+
+def _bf16_shards(tmp_path):
+    """A bf16 checkpoint in several shards with an untied head and biases."""
+    model = _model(layers=2, tied=False, bias=True, seed=3).to(torch.bfloat16)
+    folder = tmp_path / "bf16"
+    model.save_pretrained(folder, max_shard_size="60KB")
+    _tok(tmp_path).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["tied", "bf16-shards"])
+def test_streamed_perplexity_equals_in_memory(src, tmp_path, kind):
+    folder, corpus = src
+    if kind == "bf16-shards":
+        folder = _bf16_shards(tmp_path)
+    streamed, tok = open_model(folder, stream=True)
+    assert streamed.streamed
+    a = _figures(load_model(folder)[0], tok, corpus)
+    b = _figures(streamed, tok, corpus)
+    assert b["streamed"] and b["eval_tokens"] == a["eval_tokens"] > 200
+    assert abs(b["perplexity"] - a["perplexity"]) <= 1e-5 * a["perplexity"], (a["perplexity"], b["perplexity"])
+    assert b["params"] == a["params"] and b["linear_bits_per_weight"] == a["linear_bits_per_weight"]
+
+
+def test_streamed_kl_equals_in_memory(src, tmp_path):
+    """KL of a compressed model (in memory) to a streamed reference, and of a streamed model to itself."""
+    folder, corpus = src
+    _run(folder, RECIPES["rtn"](), corpus, tmp_path / "rtn", stream=False)
+    compressed, tok = load_model(tmp_path / "rtn")
+    streamed, _ = open_model(folder, stream=True)
+    a = _figures(compressed, tok, corpus, reference=load_model(folder)[0])
+    b = _figures(compressed, tok, corpus, reference=streamed)
+    assert a["kl"] > 1e-4 and abs(b["kl"] - a["kl"]) <= 1e-5 * a["kl"] and b["top1"] == a["top1"]
+    same = _figures(streamed, tok, corpus, reference=streamed)
+    assert same["kl"] == 0 and same["top1"] == 1
+
+
+def test_a_budget_below_the_model_chooses_streamed_evaluation(src):
+    folder, corpus = src
+    assert getattr(open_model(folder, data=_data(corpus), max_memory=1 << 20)[0], "streamed", False)
+    assert not getattr(open_model(folder, data=_data(corpus), max_memory=1 << 40)[0], "streamed", False)
+
+
+def test_a_compressed_folder_is_not_streamed_and_says_so(src, tmp_path):
+    """Packed (compressed-tensors) and lmpress-layout layers are not read block by block."""
+    folder, corpus = src
+    _run(folder, RECIPES["gptq"](), corpus, tmp_path / "q", stream=True)
+    with pytest.raises(InputError, match="not read block by block"):
+        open_model(tmp_path / "q", stream=True)
+
+
+def test_cli_eval_streams_and_refuses_what_needs_the_whole_model(src, capsys):
+    from lmpress.cli import main
+
+    folder, corpus = src
+    base = ["eval", str(folder), "--data", str(corpus), "--eval-tokens", "256", "--context", "64", "--no-speed"]
+    assert main(base) == 0
+    in_memory = capsys.readouterr().out
+    assert main(base + ["--max-memory", "1MiB", "--reference", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "block by block" in out and "KL to original" in out
+    ppl = [line.split()[1] for text in (in_memory, out) for line in text.splitlines() if line.split()[:1] == ["perplexity"] and len(line.split()) == 2]
+    assert len(ppl) == 2 and ppl[0] == ppl[1]
+    assert main(base + ["--stream", "--task", "wiki_cloze"]) == 2
+    assert "--task, --lm-eval and --engine need the whole model" in capsys.readouterr().err
+
+
+PEAK_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from lmpress.api import evaluate, open_model
+from lmpress.data import DataConfig
+def status(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+folder, warm, corpus, stream = sys.argv[1:5]
+data = DataConfig(corpus=corpus, eval_tokens=512)
+def run(src):
+    model, tok = open_model(src, data=data, stream=stream == "1")
+    return evaluate(model, tok, data=data, context=128, measure_speed=False, progress=False)
+run(warm)  # one-time costs (imports, workspaces) on a tiny model
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS")
+res = run(folder)
+print(json.dumps({"base": base, "peak": status("VmHWM"), "ppl": res["perplexity"], "streamed": bool(res.get("streamed"))}))
+"""
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    return big_folders(tmp_path_factory.mktemp("big"))
+
+
+@pytest.mark.memory
+def test_streamed_evaluation_peak_memory_stays_below_the_weights(big):
+    """Measured peak-RSS check, as test_stream.py's for compression: after a warm-up, a streamed
+    evaluation's peak above the process's resident size stays under half the weights on disk (one
+    block, the embedding and head, the windows' hidden states), while the in-memory one holds them
+    all; both give the same perplexity."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, warm, corpus = big
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    figures = {}
+    for stream in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), str(warm), str(corpus), stream],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        figures[stream] = json.loads(r.stdout.strip().splitlines()[-1])
+    streamed = figures["1"]["peak"] - figures["1"]["base"]
+    in_memory = figures["0"]["peak"] - figures["0"]["base"]
+    print(f"weights {weights:,} B; peak above baseline: streamed {streamed:,} B, in memory {in_memory:,} B")
+    assert figures["1"]["streamed"] and not figures["0"]["streamed"]
+    assert streamed < weights / 2, (streamed, weights)
+    assert in_memory > 0.9 * weights, (in_memory, weights)
+    assert abs(figures["1"]["ppl"] - figures["0"]["ppl"]) <= 1e-5 * figures["0"]["ppl"]
