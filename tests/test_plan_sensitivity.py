@@ -55,7 +55,7 @@ def test_batched_scores_equal_the_straightforward_ones(kind):
 def test_stacks_split_by_the_logit_limit_and_several_batches_give_the_same_scores(monkeypatch, sym):
     model, groups, ref = _setup("llama", rows=3)  # batches of 2 and 1 rows
     whole = {g.name: sn.kl_scores(model, g, ref, sym) for g in groups}
-    monkeypatch.setattr(sn, "MAX_LOGITS", 2 * ref.logp[0].numel() + 1)  # stacks of 2 candidates
+    monkeypatch.setattr(sn, "MAX_LOGITS", 2 * ref.logp[0].numel() + 1)  # stacks of at most 2 candidates
     for g in groups:
         split = sn.kl_scores(model, g, ref, sym)
         _assert_close(split, whole[g.name])
@@ -106,3 +106,8 @@ def test_planner_choices_do_not_change(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "kl_scores", straightforward_kl_scores)
     picks.append(choices())
     assert picks[0] == picks[1] and len(set(map(tuple, picks[0]))) == 4
+
+
+@pytest.mark.parametrize("n, most, size", [(12, 10, 6), (12, 12, 12), (12, 32, 12), (13, 4, 4), (1, 1, 1), (7, 3, 3)])
+def test_even_split(n, most, size):
+    assert sn.even_split(n, most) == size

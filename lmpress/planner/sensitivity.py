@@ -133,8 +133,10 @@ def kl_from(model, ref: Reference, start: int) -> float:
     return total / ref.tokens
 
 
-# the batched kl estimator holds at most this many logits (float32: 256 MB) of stacked candidates at once
-MAX_LOGITS = 2**26
+# the batched kl estimator holds at most this many logits (float32: 512 MB; twice that at its peak,
+# logits and log-probabilities) of stacked candidates at once: the default model's 12 candidates x 128
+# positions x 49,152 tokens fit in one stack
+MAX_LOGITS = 2**27
 
 
 @contextmanager
@@ -181,6 +183,12 @@ def _kl_stacked(model, ref: Reference, bi: int, start: int, weights: dict) -> li
         return kl_each(ref.logp[bi], tail_logp(model, x))
 
 
+def even_split(n: int, most: int) -> int:
+    """A stack size that holds ``n`` in the fewest stacks of at most ``most``, as even as one size allows
+    (12, 10 -> 6: stacks of 6 and 6, not 10 and 2)."""
+    return -(-n // -(-n // most))
+
+
 @torch.no_grad()
 def kl_scores(model, group: Group, ref: Reference, sym: bool = False) -> list[float]:
     """The ``kl`` estimator of every candidate of ``group`` (0 for float): :func:`kl_from` of each
@@ -191,7 +199,7 @@ def kl_scores(model, group: Group, ref: Reference, sym: bool = False) -> list[fl
     weights = candidate_weights(model, group, idx, sym)
     sums = [0.0] * len(idx)
     for bi, logp in enumerate(ref.logp):
-        per = max(1, MAX_LOGITS // logp.numel())
+        per = even_split(len(idx), max(1, MAX_LOGITS // logp.numel()))
         for s in range(0, len(idx), per):
             part = _kl_stacked(model, ref, bi, start, {n: w[s : s + per] for n, w in weights.items()})
             sums[s : s + per] = [a + b for a, b in zip(sums[s : s + per], part)]
