@@ -76,9 +76,20 @@ def test_compressed_layers_are_refused_clearly():
     name = groups[0].layers[0]
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, torch.nn.Identity())
+    other = groups[1].layers[0]
     with pytest.raises(InputError, match=f"plain float linear layers, but {name} is a Identity"):
-        with sn.per_candidate(model, {name: [torch.zeros(1, 1)]}):
+        with sn.per_candidate(model, {other: [torch.zeros(1, 1)], name: [torch.zeros(1, 1)]}):
             pass
+    assert "forward" not in model.get_submodule(other).__dict__  # the other layer is left as it was
+
+
+def test_a_forward_set_on_the_layer_is_restored():
+    model, groups, ref = _setup("llama")
+    m = model.get_submodule(groups[0].layers[0])
+    m.forward = own = lambda x: x
+    with sn.per_candidate(model, {groups[0].layers[0]: [torch.zeros(1, 1)]}):
+        assert m.forward is not own
+    assert m.forward is own
 
 
 def test_planner_choices_do_not_change(tmp_path, monkeypatch):

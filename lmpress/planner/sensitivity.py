@@ -149,12 +149,17 @@ def per_candidate(model, weights: dict[str, list[torch.Tensor]]):
         if not arch.is_dense_linear(m):
             raise InputError(f"the kl estimator switches plain float linear layers, but {name} is a "
                              f"{type(m).__name__}: plan from the uncompressed model")
-        m.forward = _sliced_linear(weights[name], getattr(m, "bias", None))  # an instance attribute
+    own = {name: m.__dict__.get("forward") for name, m in mods.items()}  # a forward set on the instance
     try:
+        for name, m in mods.items():
+            m.forward = _sliced_linear(weights[name], getattr(m, "bias", None))  # an instance attribute
         yield model
     finally:
-        for m in mods.values():
-            del m.forward
+        for name, m in mods.items():
+            if own[name] is not None:
+                m.forward = own[name]
+            elif "forward" in m.__dict__:
+                del m.forward
 
 
 def _sliced_linear(ws: list[torch.Tensor], bias):
