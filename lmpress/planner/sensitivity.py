@@ -107,9 +107,18 @@ def reference(model, ids: torch.Tensor, batch_size: int = 2) -> Reference:
     return Reference(inputs, extras, [tail_logp(model, h) for h in x])
 
 
+def kl_each(ref_logp: torch.Tensor, logp: torch.Tensor) -> list[float]:
+    """Summed KL(ref || model) over the positions of one batch, for each of the n models whose
+    log-probabilities ``logp`` (n * b, T, V) stacks candidate-major; ``ref_logp`` (b, T, V).
+    ``logp`` is overwritten (its buffer holds the terms: no other tensor of its size is made)."""
+    n = logp.shape[0] // ref_logp.shape[0]
+    terms = logp.view(n, *ref_logp.shape).neg_().add_(ref_logp).mul_(ref_logp.exp())  # (n, b, T, V)
+    return terms.sum(-1).double().flatten(1).sum(1).tolist()
+
+
 def kl_to(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
     """Summed KL(ref || model) over the positions of one batch."""
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).double().sum())
+    return kl_each(ref_logp, logp.clone())[0]
 
 
 @torch.no_grad()
@@ -124,16 +133,84 @@ def kl_from(model, ref: Reference, start: int) -> float:
     return total / ref.tokens
 
 
+# the batched kl estimator holds at most this many logits (float32: 512 MB; twice that at its peak,
+# logits and log-probabilities) of stacked candidates at once: the default model's 12 candidates x 128
+# positions x 49,152 tokens fit in one stack
+MAX_LOGITS = 2**27
+
+
+@contextmanager
+def per_candidate(model, weights: dict[str, list[torch.Tensor]]):
+    """``model`` in which each layer of ``weights`` (name -> n weights (out, in)) computes, for the k-th
+    of n equal slices of its input batch, the linear with the k-th weight (and its own bias): n
+    candidates of the layer run as one batch, candidate-major. Nothing is written into the model."""
+    mods = {name: model.get_submodule(name) for name in weights}
+    for name, m in mods.items():
+        if not arch.is_dense_linear(m):
+            raise InputError(f"the kl estimator switches plain float linear layers, but {name} is a "
+                             f"{type(m).__name__}: plan from the uncompressed model")
+    own = {name: m.__dict__.get("forward") for name, m in mods.items()}  # a forward set on the instance
+    try:
+        for name, m in mods.items():
+            m.forward = _sliced_linear(weights[name], getattr(m, "bias", None))  # an instance attribute
+        yield model
+    finally:
+        for name, m in mods.items():
+            if own[name] is not None:
+                m.forward = own[name]
+            elif "forward" in m.__dict__:
+                del m.forward
+
+
+def _sliced_linear(ws: list[torch.Tensor], bias):
+    def forward(x):  # (n * b, T, in) -> (n * b, T, out)
+        return torch.cat([torch.nn.functional.linear(xk, w, bias) for xk, w in zip(x.chunk(len(ws)), ws)])
+    return forward
+
+
+def candidate_weights(model, group: Group, idx: list[int], sym: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Layer name -> the round-to-nearest weight (out, in) of each candidate ``idx`` of ``group``."""
+    out = {}
+    for name in group.layers:
+        w = arch.linear_weight(model.get_submodule(name)).detach()
+        out[name] = [rtn_weight(w.float(), group.candidates[ci].spec(sym)).to(w.dtype) for ci in idx]
+    return out
+
+
+def _kl_stacked(model, ref: Reference, bi: int, start: int, weights: dict) -> list[float]:
+    """Summed KL over batch ``bi`` of each candidate in ``weights``, all run as one batch from block ``start``."""
+    blocks = arch.blocks(model)
+    n = len(next(iter(weights.values())))
+    x = ref.inputs[start][bi].repeat(n, 1, 1)  # (n * b, T, hidden), candidate-major
+    with per_candidate(model, weights):
+        for i in range(start, len(blocks)):
+            x = _block_forward(blocks[i], x, ref.extras[i])
+        return kl_each(ref.logp[bi], tail_logp(model, x))
+
+
+def even_split(n: int, most: int) -> int:
+    """A stack size that holds ``n`` in the fewest stacks of at most ``most``, as even as one size allows
+    (12, 10 -> 6: stacks of 6 and 6, not 10 and 2)."""
+    return -(-n // -(-n // most))
+
+
+@torch.no_grad()
 def kl_scores(model, group: Group, ref: Reference, sym: bool = False) -> list[float]:
-    """The ``kl`` estimator of every candidate of ``group`` (0 for float)."""
+    """The ``kl`` estimator of every candidate of ``group`` (0 for float): :func:`kl_from` of each
+    candidate switched alone, with the candidates stacked along the batch (at most :data:`MAX_LOGITS`
+    logits at once), so every block runs once per stack instead of once per candidate."""
     start = len(arch.blocks(model)) if group.block is None else group.block
-    out = []
-    for ci, c in enumerate(group.candidates):
-        if c.bits is None:
-            out.append(0.0)
-            continue
-        with switched(model, group_specs([group], {group.name: ci}, sym)):
-            out.append(kl_from(model, ref, start))
+    idx = [ci for ci, c in enumerate(group.candidates) if c.bits is not None]
+    weights = candidate_weights(model, group, idx, sym)
+    sums = [0.0] * len(idx)
+    for bi, logp in enumerate(ref.logp):
+        per = even_split(len(idx), max(1, MAX_LOGITS // logp.numel()))
+        for s in range(0, len(idx), per):
+            part = _kl_stacked(model, ref, bi, start, {n: w[s : s + per] for n, w in weights.items()})
+            sums[s : s + per] = [a + b for a, b in zip(sums[s : s + per], part)]
+    out = [0.0] * len(group.candidates)
+    for ci, total in zip(idx, sums):
+        out[ci] = total / ref.tokens
     return out
 
 
