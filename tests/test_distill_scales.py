@@ -83,7 +83,7 @@ def test_trained_scales_keep_the_codes_and_lower_the_teachers_kl(setup, tmp_path
 def test_scale_training_refuses_what_it_cannot_do(setup):
     from lmpress.distill.engine import DistillConfig
 
-    with pytest.raises(InputError, match="no.*|has none"):
+    with pytest.raises(InputError, match="has none"):
         _compress(setup, "distill", "auto", None, train="scales", seq_len=64, tokens=64)
     with pytest.raises(InputError, match="seq_len=32"):
         from lmpress.api import compress
