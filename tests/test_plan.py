@@ -177,3 +177,41 @@ def test_interrupted_measurement_resumes_where_it_stopped(setup):
     del cache.data["recipes"][2:]
     measure(model, groups, holdout_ids(tok, data, cfg), cfg, cache, progress=False)
     assert cache.data["kl"] == full["kl"] and [r["kl"] for r in cache.data["recipes"]] == [r["kl"] for r in full["recipes"]]
+
+
+def test_gptq_correction_scales_each_score_and_rtn_leaves_them(setup, monkeypatch):
+    """quantizer=gptq (default): predicted KL = estimator score x scale x GPTQ's error ratio per group and
+    candidate; the ratios are cached (a re-plan does not measure them again); quantizer=rtn: no ratio."""
+    import dataclasses
+
+    tmp, src, data, cfg = setup
+    res = _plan(setup, "gptq-aware", target="bits=4")
+    assert res["quantizer"] == "gptq"
+    cache = json.loads(open(res["cache"]).read())
+    est, scale = res["estimator"], res["estimators"][res["estimator"]]["scale"]
+    for g in res["groups"]:
+        score = cache[est][g["name"]]
+        ratio = g["gptq_ratio"] or [1.0] * len(score)
+        assert (g["gptq_ratio"] is None) == (g["kind"] == "head")
+        assert g["predicted_kl"] == pytest.approx([max(0.0, s * scale) * r for s, r in zip(score, ratio)])
+    low = [r for g in res["groups"] if g["gptq_ratio"] for c, r in zip(g["candidates"], g["gptq_ratio"]) if c.startswith("w2")]
+    assert low and sum(low) / len(low) < 1.0
+
+    import lmpress.planner.gptq_aware as ga
+
+    n_blocks = sum(g["gptq_ratio"] is not None for g in res["groups"])
+
+    def cached_only(*a, done=None, **k):
+        assert done is not None and len(done) == n_blocks, "ratios measured again"
+        return dict(done)
+    monkeypatch.setattr(ga, "gptq_ratios", cached_only)
+    again = _plan(setup, "gptq-aware-2", target="bits=3")
+    monkeypatch.undo()
+    assert again["groups"][0]["gptq_ratio"] == res["groups"][0]["gptq_ratio"]
+
+    model, tok = load_model(src)
+    rtn = plan(model, tokenizer=tok, data=data, config=dataclasses.replace(cfg, quantizer="rtn"), out=tmp / "rtn-plan",
+               progress=False, context=32, target="bits=4")
+    assert rtn["quantizer"] == "rtn" and all(g["gptq_ratio"] is None for g in rtn["groups"])
+    for g in rtn["groups"]:
+        assert g["predicted_kl"] == pytest.approx([max(0.0, s * scale) for s in cache[est][g["name"]]])
