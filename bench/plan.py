@@ -6,8 +6,7 @@ clip search, asymmetric) on the same calibration rows and measured on the same e
 the float model; only the allocation differs. Sizes are block-linear bits per weight, stored bytes
 (codes + fp16 scales and zeros). Per target:
 
-- plan: ``lmpress.plan(target=bits=T)`` (its confirmed GPTQ model), with its default GPTQ-corrected
-  scores, and (``--ablate``) the same plan from the round-to-nearest scores alone (``quantizer=rtn``);
+- plan: ``lmpress.plan(target=bits=T)`` (its confirmed GPTQ model);
 - best uniform: of the uniform grid settings with at most T bits per weight, the one with the least
   round-to-nearest KL on the plan's held-out slice, compressed with GPTQ;
 - Q4_K_M rule: w4g64 everywhere, v_proj and down_proj at 8 bits per channel (lmpress's grid has no 6
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-from dataclasses import replace
 import sys
 import tempfile
 import time
@@ -103,9 +101,6 @@ def run(args) -> None:
             break
         if res.wanted(name):
             res.record(name, plan_row(model, tok, f"bits={t}", data, cfg, tmp / f"p{t}", args.progress))
-        if args.ablate and res.wanted(f"{name}, RTN scores") and _time_left(args):
-            res.record(f"{name}, RTN scores", plan_row(model, tok, f"bits={t}", data, replace(cfg, quantizer="rtn"),
-                                                       tmp / f"r{t}", args.progress))
         uni = [u for u in res.rows[name]["uniform"] if u["bits"] <= t + 1e-9]
         best = min(uni, key=lambda u: u["kl"])
         label = best["name"].split()[1]
@@ -139,10 +134,7 @@ def report(rows: dict, args) -> str:
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
              f"(perplexity {first['original_ppl']:.3f}). Sensitivities: held-out calibration slice of {args.holdout} x 512 "
              "tokens (after the GPTQ rows) for the measured recipes, its first 2 x 512 for the fisher estimator, "
-             "1 x 128 for the kl estimator. The plan's predictions are the chosen estimator's round-to-nearest KL "
-             "times GPTQ's output error over round-to-nearest's per group and setting (Hessians of the float model's "
-             "inputs on the GPTQ calibration rows, 128 sampled rows per layer); the ', RTN scores' rows plan from the "
-             "round-to-nearest scores alone." + (f" {args.note}" if args.note else ""), "",
+             "1 x 128 for the kl estimator." + (f" {args.note}" if args.note else ""), "",
              md_table(["recipe", "bits/weight (block linears)", "KL", "perplexity", "top-1", "KL / best uniform"],
                       _rows(rows)), "",
               "Caveat: the default model's weights were published as Q4_1 (4 bits, groups of 32, scale and minimum), so "
@@ -167,8 +159,7 @@ def report(rows: dict, args) -> str:
     gptq = [v["seconds"] for k, v in rows.items() if k.startswith("uniform")] or [float("nan")]
     cached = [v["plan_seconds"] for v in plans.values() if v["cached"]]
     lines += [f"Time: first plan {first['plan_seconds']:.0f} s before confirmation (fisher {ms.get('fisher', 0):.0f} s, "
-              f"kl estimator {ms.get('kl', 0):.0f} s, measured recipes {ms.get('recipes', 0):.0f} s, GPTQ error ratios "
-              f"{ms.get('gptq_ratio', 0):.0f} s); one GPTQ run "
+              f"kl estimator {ms.get('kl', 0):.0f} s, measured recipes {ms.get('recipes', 0):.0f} s); one GPTQ run "
               f"{min(gptq):.0f} s" + (f" (plan / GPTQ = {first['plan_seconds'] / min(gptq):.1f}x)" if gptq else "")
               + (f"; re-plan for a new target from the cached sensitivities {max(cached):.1f} s (at most) before its "
                  "confirmation, which compresses with GPTQ again" if cached else "") + ".", ""]
@@ -200,8 +191,6 @@ def main():
     ap.add_argument("--recipes", type=int, default=12, help="random mixed recipes measured (default 12)")
     ap.add_argument("--targets", type=float, nargs="+", default=[4.5, 3.5])
     ap.add_argument("--no-q4km", dest="q4km", action="store_false")
-    ap.add_argument("--no-ablate", dest="ablate", action="store_false",
-                    help="skip the plans made from round-to-nearest scores alone")
     ap.add_argument("--json", default=str(Path.home() / ".cache" / "lmpress" / "bench" / "plan.json"), help="finished rows (resume)")
     ap.add_argument("--cache", default=None, help="sensitivity cache folder (default ~/.cache/lmpress/plan)")
     ap.add_argument("--fresh", action="store_true")

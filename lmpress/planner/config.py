@@ -101,9 +101,6 @@ class PlanConfig:
     estimator: ``auto`` (measure both, use the one whose predictions rank the measured recipes best),
         ``fisher`` or ``kl`` (measure and use that one only).
     recipes: random mixed recipes measured (with every uniform one) to rank and scale the estimators.
-    quantizer: what the predictions are of: ``gptq`` (default; the confirmation's quantizer) scales each
-        round-to-nearest score by GPTQ's output error over round-to-nearest's for that group and setting
-        (:mod:`.gptq_aware`, on ``ratio_rows`` sampled rows per layer), ``rtn`` uses the scores as they are.
     rounds: confirmation rounds at most (compress for real, evaluate, tighten when the budget is missed).
     sym: symmetric grid. cache_dir: where measured sensitivities are kept (None: ~/.cache/lmpress/plan).
     """
@@ -118,8 +115,6 @@ class PlanConfig:
     kl_len: int = 128
     estimator: str = "auto"
     recipes: int = 12
-    quantizer: str = "gptq"
-    ratio_rows: int = 128
     rounds: int = 3
     sym: bool = False
     seed: int = 0
@@ -134,9 +129,7 @@ class PlanConfig:
             raise InputError(f"plan bits must be among {BITS} (what lmpress stores packed), got {bad or 'none'}")
         if self.estimator not in ("auto", "fisher", "kl"):
             raise InputError(f"estimator must be auto, fisher or kl, got {self.estimator!r}")
-        if self.quantizer not in ("gptq", "rtn"):
-            raise InputError(f"plan quantizer must be gptq or rtn, got {self.quantizer!r}")
-        for name in ("holdout_rows", "holdout_len", "fisher_rows", "kl_rows", "kl_len", "rounds", "ratio_rows"):
+        for name in ("holdout_rows", "holdout_len", "fisher_rows", "kl_rows", "kl_len", "rounds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"plan {name} must be a whole number of at least 1, got {v!r}")

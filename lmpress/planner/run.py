@@ -157,39 +157,6 @@ def measure(model, groups: list[Group], holdout: torch.Tensor, cfg: PlanConfig, 
     return d
 
 
-def calib_hash(calib: torch.Tensor) -> str:
-    return hashlib.blake2b(calib.numpy().tobytes(), digest_size=16).hexdigest()
-
-
-def measure_ratios(model, groups: list[Group], calib: torch.Tensor, cfg: PlanConfig, cache: Cache,
-                   progress: bool = True) -> dict[str, list[float]]:
-    """GPTQ's error over round-to-nearest's per (group, candidate) (:mod:`.gptq_aware`) on the GPTQ
-    calibration rows, cached with the sensitivities (per group as it finishes, for these rows)."""
-    from ..calib import CALIB_DTYPES
-    from ..quant.gptq import GPTQConfig
-    from .gptq_aware import gptq_ratios
-
-    key = [calib_hash(calib), cfg.ratio_rows, cfg.sym]
-    d = cache.data
-    if d.get("gptq_ratio", {}).get("key") != key:
-        d["gptq_ratio"] = {"key": key, "groups": {}}
-    box = d["gptq_ratio"]["groups"]
-    t = d.setdefault("seconds", {})
-    t0 = time.perf_counter()
-
-    def saved(name, ratios):
-        nonlocal t0
-        box[name] = ratios
-        t["gptq_ratio"] = t.get("gptq_ratio", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cache.save()
-
-    gcfg = GPTQConfig()
-    gptq_ratios(model, calib, groups, gcfg, rows=cfg.ratio_rows, sym=cfg.sym, dtype=CALIB_DTYPES[gcfg.calib_dtype],
-                progress=progress, done=box, on_group=saved)
-    return box
-
-
 def spearman(a, b) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
     import numpy as np
@@ -225,13 +192,8 @@ def assess(groups: list[Group], measured: dict) -> dict:
     return {"estimators": out, "use": best}
 
 
-def predicted_kl(groups: list[Group], measured: dict, est: str, scale: float,
-                 ratios: dict[str, list[float]] | None = None) -> list[list[float]]:
-    """Per group, each candidate's predicted KL: the estimator's score in KL units, times GPTQ's
-    error ratio where ``ratios`` has the group (:mod:`.gptq_aware`)."""
-    ratios = ratios or {}
-    return [[max(0.0, s * scale) * r for s, r in zip(measured[est][g.name], ratios.get(g.name, [1.0] * len(g.candidates)))]
-            for g in groups]
+def predicted_kl(groups: list[Group], measured: dict, est: str, scale: float) -> list[list[float]]:
+    return [[max(0.0, s * scale) for s in measured[est][g.name]] for g in groups]
 
 
 # ---- solving -------------------------------------------------------------------------------------
@@ -348,11 +310,10 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     holdout = holdout_ids(tokenizer, data, cfg)
     cache = Cache(cfg, cache_key(model, holdout, groups, cfg))
     measured = measure(model, groups, holdout, cfg, cache, progress)
-    calib, stream = prepare(tokenizer, data)
-    ratios = measure_ratios(model, groups, calib, cfg, cache, progress) if cfg.quantizer == "gptq" else None
     quality = assess(groups, measured)
     est = quality["use"]
-    pred = predicted_kl(groups, measured, est, quality["estimators"][est]["scale"], ratios)
+    pred = predicted_kl(groups, measured, est, quality["estimators"][est]["scale"])
+    calib, stream = prepare(tokenizer, data)
     base = evaluate(model, tokenizer, stream=stream, context=context, measure_speed=False, progress=False)
     kl_limit = budget.kl_guess(base["perplexity"]) if budget else None
     t_solve = time.perf_counter()
@@ -387,7 +348,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
         choice = nxt
     res = {
         "budget": str(budget) if budget else None, "target": str(target) if target else None,
-        "met": rounds[-1]["met"], "estimator": est, "quantizer": cfg.quantizer,
+        "met": rounds[-1]["met"], "estimator": est,
         "estimators": {e: {k: v for k, v in q.items() if k != "predicted"} for e, q in quality["estimators"].items()},
         "recipes": recipe_rows(model, groups, pred, fixed, measured["recipes"], quality),
         "rounds": rounds, "recipe": [rc.to_dict(c) for c in recipe], "original": base, "fixed_bytes": fixed,
@@ -397,7 +358,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
                  "fisher_rows": cfg.fisher_rows, "kl_slice": [cfg.kl_rows, cfg.kl_len], "eval_tokens": data.eval_tokens},
         "groups": [{"name": g.name, "kind": g.kind, "block": g.block, "layers": list(g.layers),
                     "candidates": [c.label for c in g.candidates], "bytes": list(g.bytes),
-                    "predicted_kl": pred[i], "gptq_ratio": (ratios or {}).get(g.name)} for i, g in enumerate(groups)],
+                    "predicted_kl": pred[i]} for i, g in enumerate(groups)],
         "front": [(c, s) for c, s, _ in sv.front(pred, costs(groups, target, fixed)[0] if target else
                                                  [list(g.bytes) for g in groups], points=16)],
         "front_cost": target.kind if target else "size", "model_spec": model_spec,
