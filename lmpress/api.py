@@ -266,14 +266,21 @@ def _streamable(spec, stream, allow_pickle, trust_remote_code, verb: str):
     if not path.is_file():
         raw = _check_folder(path, allow_pickle)
         _check_remote_code(path, raw, trust_remote_code)
-    if path.is_file() or formats.detect(raw) != "hf" or not any(path.glob("*.safetensors")):
+    readable = ("hf", "compressed-tensors") if verb == "evaluate" else ("hf",)  # compress reads float weights
+    if path.is_file() or formats.detect(raw) not in readable or not any(path.glob("*.safetensors")):
         if stream:
-            raise InputError(f"{path}: streaming reads a Hugging Face safetensors folder of float weights; this is a GGUF "
-                             "file, pickle weights or an lmpress output (compressed-tensors or lmpress's layout, whose packed "
-                             f"layers are not read block by block): convert it (lmpress export IN --format hf) or {verb} it in memory")
+            what = ("a Hugging Face safetensors folder (float weights, or compressed-tensors for evaluation)"
+                    if verb == "evaluate" else "a Hugging Face safetensors folder of float weights")
+            raise InputError(f"{path}: streaming reads {what}; this is a GGUF file, pickle weights or an lmpress output "
+                             f"whose layers are not read block by block (lmpress's own layout{'' if verb == 'evaluate' else ', compressed-tensors'}): "
+                             f"convert it (lmpress export IN --format hf) or {verb} it in memory")
         return None
     try:
-        return path, st.skeleton(path, trust_remote_code)
+        skel = st.skeleton(path, trust_remote_code)
+        shards = st.open_shards(path)
+        if isinstance(shards, st.PackedShards):
+            shards.shape_layers(skel)  # the in-memory estimate counts packed layers as stored
+        return path, skel
     except (ValueError, KeyError, OSError, InputError):
         if stream:
             raise

@@ -87,6 +87,64 @@ class Shards:
         return out
 
 
+class PackedShards(Shards):
+    """The shards of a compressed-tensors folder (lmpress's or llm-compressor's ``pack-quantized``): each
+    packed layer becomes, when its block is read, the layer :func:`lmpress.formats.compressed_tensors.read`
+    makes of it in memory (a :class:`QuantLinear`, or a float layer with the exact dequantized weight)."""
+
+    def __init__(self, folder: Path, raw_config: dict):
+        from .formats import compressed_tensors as ct
+
+        super().__init__(folder)
+        self.groups, self.ignore = ct._check_config(raw_config.get("quantization_config") or {}, self.folder)
+        self.packed = sorted(k.removesuffix(".weight_packed") for k in self.where if k.endswith(".weight_packed"))
+
+    def _layer(self, name: str, keys=None) -> dict[str, torch.Tensor]:
+        from .formats.compressed_tensors import _PARAM_NAMES
+
+        return self.read([f"{name}.{k}" for k in keys or _PARAM_NAMES if f"{name}.{k}" in self.where])
+
+    def _args(self, model: nn.Module, name: str) -> dict:
+        from .formats import compressed_tensors as ct
+
+        return ct._scheme_for(name, model.get_submodule(name), self.groups, self.ignore, self.folder)
+
+    def install(self, model: nn.Module, prefix: str) -> None:
+        """Build the packed layers named ``prefix...`` into ``model`` from their tensors."""
+        from .formats import compressed_tensors as ct
+
+        for name in [n for n in self.packed if n.startswith(prefix)]:
+            module = model.get_submodule(name)
+            layer = {k.rsplit(".", 1)[1]: v for k, v in self._layer(name).items()}
+            bias = self.read([f"{name}.bias"])[f"{name}.bias"] if f"{name}.bias" in self.where else None
+            built, _ = ct.build_layer(layer, self._args(model, name), module, bias)
+            if isinstance(built, torch.Tensor):
+                module.weight = nn.Parameter(built, requires_grad=False)
+            else:
+                arch.set_module(model, name, built)
+
+    def shape_layers(self, model: nn.Module) -> None:
+        """Swap each packed layer of the skeleton ``model`` for the layer it loads as, on the meta device
+        (reading only scales, shapes and g_idx), so sizes and bits per weight count as in memory."""
+        from .formats import compressed_tensors as ct
+
+        for name in self.packed:
+            module = model.get_submodule(name)
+            layer = {k.rsplit(".", 1)[1]: v for k, v in self._layer(name, ("weight_scale", "weight_shape", "weight_g_idx")).items()}
+            empty = ct.empty_layer(layer, self._args(model, name), module)
+            if empty is not None:
+                arch.set_module(model, name, empty)
+
+
+def open_shards(folder: Path) -> Shards:
+    """:class:`PackedShards` for a compressed-tensors folder, else :class:`Shards`."""
+    from .formats import compressed_tensors as ct
+    from .io import _check_folder
+
+    raw = _check_folder(Path(folder), False)
+    return PackedShards(folder, raw) if ct.is_compressed_tensors(raw) else Shards(folder)
+
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -134,6 +192,8 @@ def skeleton(folder: Path, trust_remote_code: bool = False) -> nn.Module:
     from .io import _check_decoder
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):  # a compressed-tensors folder: its packed layers are built as read
+        del config.quantization_config
     _check_decoder(config, folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -150,7 +210,10 @@ def _checkpoint_name(model: nn.Module, shards: Shards, name: str) -> str:
 
 
 def load_into(model: nn.Module, module: nn.Module, prefix: str, shards: Shards) -> None:
-    """Materialise ``module`` (named ``prefix`` in ``model``) from the shards, in float32."""
+    """Materialise ``module`` (named ``prefix`` in ``model``) from the shards, in float32 (packed layers of a
+    compressed-tensors folder as lmpress loads them)."""
+    if isinstance(shards, PackedShards):
+        shards.install(model, prefix)
     keys = [k for k, v in module.state_dict().items() if v.is_meta]
     names = {k: _checkpoint_name(model, shards, prefix + k) for k in keys}
     got = shards.read(list(names.values()))
@@ -202,6 +265,9 @@ class BlockStream:
         """The rest of the model (embedding, final norm, head) in float32, tied as configured."""
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         head = next((n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings()), None)
+        if isinstance(self.shards, PackedShards):  # a packed head (compressed-tensors' untied 8-bit head)
+            if head is not None:
+                self.shards.install(self.model, head)
         keys = [k for k, v in self.model.state_dict().items()
                 if v.is_meta and not k.startswith(f"{self.prefix}.") and not (tied and k == f"{head}.weight")]
         names = {k: _checkpoint_name(self.model, self.shards, k) for k in keys}
@@ -439,11 +505,16 @@ BASELINE = 450 << 20  # a process with torch, transformers, a tokenizer and cali
 def memory_plan(model: nn.Module, calib_rows: int, calib_len: int, copies: int = 2) -> dict:
     """Estimated peak bytes in memory and streamed, from the skeleton's shapes (float32 weights);
     ``copies`` of the weights in memory (compress keeps the original beside the compressed copy)."""
-    per_block = [sum(p.numel() for p in b.parameters()) * 4 for b in arch.blocks(model)]
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
+    def packed(module):  # packed layers (a compressed-tensors skeleton): their buffers as stored
+        return sum(b.numel() * b.element_size() for m in module.modules() if getattr(m, "lmpress_linear", False)
+                   for b in m.buffers(recurse=False))
+
+    per_block = [sum(p.numel() for p in b.parameters()) * 4 + packed(b) for b in arch.blocks(model)]
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4 + packed(model)
     hidden = model.get_input_embeddings().weight.shape[1]
     acts = calib_rows * calib_len * hidden * 4
-    widest = max((arch.linear_weight(m).shape[1] for m in arch.block_linears(arch.blocks(model)[0]).values()), default=0)
+    widest = max((getattr(m, "in_features", None) or arch.linear_weight(m).shape[1]
+                  for m in arch.block_linears(arch.blocks(model)[0]).values()), default=0)
     hessians = 2 * widest * widest * 4 + 3 * hidden * hidden * 4  # the widest input's H and its factor, the others
     emb = model.get_input_embeddings().weight.numel() * 4
     # in memory: the loaded model and the compressed copy (compress keeps the original), one set of hidden states
@@ -589,7 +660,9 @@ class StreamedModel:
         if getattr(self.skeleton.config, "tie_word_embeddings", False):
             self.skeleton.tie_weights()  # counted once, as a loaded model holds it
         self.config = self.skeleton.config
-        self.shards = Shards(self.folder)
+        self.shards = open_shards(self.folder)
+        if isinstance(self.shards, PackedShards):
+            self.shards.shape_layers(self.skeleton)
 
     def get_output_embeddings(self):
         return self.skeleton.get_output_embeddings()

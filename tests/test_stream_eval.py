@@ -64,12 +64,71 @@ def test_a_budget_below_the_model_chooses_streamed_evaluation(src):
     assert not getattr(open_model(folder, data=_data(corpus), max_memory=1 << 40)[0], "streamed", False)
 
 
-def test_a_compressed_folder_is_not_streamed_and_says_so(src, tmp_path):
-    """Packed (compressed-tensors) and lmpress-layout layers are not read block by block."""
+@pytest.mark.parametrize("recipe", ["gptq", "gptq-3bit-sym"])
+def test_streamed_compressed_tensors_equal_in_memory(src, tmp_path, recipe):
+    """A compressed-tensors output (here a streamed compression's shards, with an untied 8-bit head for
+    gptq) evaluated block by block: its packed layers built as the in-memory load builds them, the same
+    perplexity, KL, parameter counts and bits per weight."""
+    folder, corpus = src
+    out = tmp_path / "q"
+    _run(folder, RECIPES[recipe](), corpus, out, stream=True)
+    original = load_model(folder)[0]
+    streamed, tok = open_model(out, stream=True)
+    a = _figures(load_model(out)[0], tok, corpus, reference=original)
+    b = _figures(streamed, tok, corpus, reference=original)
+    assert b["streamed"] and a["kl"] > 1e-4
+    assert abs(b["perplexity"] - a["perplexity"]) <= 1e-5 * a["perplexity"], (a["perplexity"], b["perplexity"])
+    assert abs(b["kl"] - a["kl"]) <= 1e-5 * a["kl"] and b["top1"] == a["top1"]
+    for key in ("params", "params_linear", "linear_bits_per_weight"):
+        assert b[key] == a[key], key
+    assert a["linear_bits_per_weight"] <= 5  # packed (4-bit g32: 5.0; 3-bit per channel: about 3), not float
+
+
+def test_streamed_compressed_tensors_layer_kept_float_as_in_memory(src, tmp_path):
+    """A packed layer that QuantLinear cannot hold exactly (float32 scales fp16 cannot represent) is a float
+    layer with its exact dequantized weight, streamed as in memory."""
+    from safetensors.torch import load_file, save_file
+
+    folder, corpus = src
+    out = tmp_path / "q"
+    _run(folder, RECIPES["gptq"](), corpus, out, stream=True)
+    key = "model.layers.1.mlp.down_proj.weight_scale"
+    file = next(f for f in sorted(out.glob("*.safetensors")) if key in load_file(str(f)))
+    state = load_file(str(file))
+    state[key] = state[key].float() * (1 + 2**-20)  # no longer fp16-exact
+    save_file(state, str(file), metadata={"format": "pt"})
+    loaded = load_model(out)[0]
+    assert "dequantized" in loaded.lmpress_load_note and type(loaded.get_submodule(key[:-13])).__name__ == "Linear"
+    streamed, tok = open_model(out, stream=True)
+    assert type(streamed.skeleton.get_submodule(key[:-13])).__name__ == "Linear"
+    a = _figures(loaded, tok, corpus)
+    b = _figures(streamed, tok, corpus)
+    assert abs(b["perplexity"] - a["perplexity"]) <= 1e-5 * a["perplexity"]
+    assert b["linear_bits_per_weight"] == a["linear_bits_per_weight"]
+
+
+def test_packed_layers_count_as_stored_in_the_memory_estimate(src, tmp_path):
+    from lmpress import stream as st
+    from lmpress.api import _streamable
+    from lmpress.data import DataConfig
+
     folder, corpus = src
     _run(folder, RECIPES["gptq"](), corpus, tmp_path / "q", stream=True)
+    plans = [st.decide(_streamable(f, None, False, False, "evaluate")[1], DataConfig(), None, evaluation=True)[1]
+             for f in (folder, tmp_path / "q")]
+    assert plans[1]["in_memory"] < plans[0]["in_memory"]
+
+
+def test_lmpress_layout_folder_is_not_streamed_and_says_so(src, tmp_path):
+    """lmpress's own layout (low-rank factors here) is not read block by block; compress never streams
+    from a compressed folder."""
+    folder, corpus = src
+    _run(folder, RECIPES["svd"](), corpus, tmp_path / "f", stream=True)
     with pytest.raises(InputError, match="not read block by block"):
-        open_model(tmp_path / "q", stream=True)
+        open_model(tmp_path / "f", stream=True)
+    _run(folder, RECIPES["gptq"](), corpus, tmp_path / "q", stream=True)
+    with pytest.raises(InputError, match="float weights"):
+        _run(tmp_path / "q", RECIPES["rtn"](), corpus, tmp_path / "again", stream=True)
 
 
 def test_cli_eval_streams_and_refuses_what_needs_the_whole_model(src, capsys):

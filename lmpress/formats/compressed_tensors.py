@@ -312,15 +312,13 @@ def read(path: Path, raw_config: dict) -> nn.Module:
     kinds = Counter()
     for name in packed:
         module = model.get_submodule(name)
-        args = _scheme_for(name, module, groups, ignore, path)
         layer = {k: state.pop(f"{name}.{k}") for k in _PARAM_NAMES if f"{name}.{k}" in state}
-        why = _why_float(layer, args, module)
-        if why:
-            state[f"{name}.weight"] = dequantize_layer(layer, args)
-            kinds[f"float {type(module).__name__} with the exact dequantized weights ({why})"] += 1
+        built, kind = build_layer(layer, _scheme_for(name, module, groups, ignore, path), module, state.get(f"{name}.bias"))
+        if isinstance(built, Tensor):
+            state[f"{name}.weight"] = built
         else:
-            arch.set_module(model, name, _layer(layer, args, state.get(f"{name}.bias")))
-            kinds[f"QuantLinear {args['num_bits']}-bit"] += 1
+            arch.set_module(model, name, built)
+        kinds[kind] += 1
     _load_rest(model, state, path)
     model.lmpress_load_note = "compressed-tensors: " + ", ".join(f"{n} layers as {k}" for k, n in sorted(kinds.items()))
     model.lmpress_recipe = raw_config.get("lmpress", {}).get("recipe", [])
@@ -371,6 +369,26 @@ def _scheme_for(name: str, module: nn.Module, groups: list[dict], ignore: list[s
     if not ranked or any(_matches(name, module, t) for t in ignore):
         raise InputError(f"{path}: {name} has packed weights but no config group targets it; the config is inconsistent")
     return min(ranked, key=lambda r: r[:2])[2]
+
+
+def build_layer(layer: dict[str, Tensor], args: dict, module: nn.Module, bias: Tensor | None):
+    """``(QuantLinear, kind)`` holding one packed layer exactly, or ``(float32 weight, kind)`` where
+    lmpress's QuantLinear cannot hold it (:func:`_why_float`): its exact dequantized weight."""
+    why = _why_float(layer, args, module)
+    if why:
+        return dequantize_layer(layer, args), f"float {type(module).__name__} with the exact dequantized weights ({why})"
+    return _layer(layer, args, bias), f"QuantLinear {args['num_bits']}-bit"
+
+
+def empty_layer(layer: dict[str, Tensor], args: dict, module: nn.Module) -> nn.Module | None:
+    """The layer :func:`build_layer` makes, on the meta device (shapes and storage, no values), from the
+    packed layer's scales, shape and g_idx (its codes are not needed); None when it stays a float layer."""
+    if _why_float(layer, args, module):
+        return None
+    out, cols = (int(d) for d in layer["weight_shape"])
+    groups = layer["weight_scale"].reshape(out if layer["weight_scale"].numel() >= out else 1, -1).shape[1]
+    return QuantLinear.empty({"in_features": cols, "out_features": out, "bits": args["num_bits"],
+                              "group_size": cols // groups, "bias": getattr(module, "bias", None) is not None})
 
 
 def codes_of(layer: dict[str, Tensor], args: dict) -> tuple[Tensor, Tensor, Tensor]:
