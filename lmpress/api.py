@@ -158,6 +158,7 @@ def compress(
         raise InputError("empty recipe: give --method or --recipe")
     from .calib import ranks
 
+    stream_out = out  # a streamed run under torchrun: every rank checkpoints its own rows there, rank 0 writes
     if ranks()[0] > 0:  # under torchrun: every rank compresses its share, rank 0 saves and measures
         out, measure = None, False
     data = data or DataConfig()
@@ -172,7 +173,7 @@ def compress(
         check = check_gguf_output if to_gguf else check_output
         check(out, overwrite=overwrite, inputs=[model_input_path(spec) if owned else None, data.corpus])
     if owned and stream is not False and not to_gguf:
-        streamed = _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
+        streamed = _maybe_stream(spec, recipe, data, stream_out, format, progress, max_memory, stream,
                                  allow_pickle, trust_remote_code)
         if streamed is not None:
             return streamed
@@ -234,7 +235,8 @@ def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
         return None
     path, skel = found
     go, plan = st.decide(skel, data, max_memory)
-    if not (stream or go):
+    go = _same_on_every_rank(bool(stream or go))  # under torchrun rank 0 decides: all stream or none
+    if not go:
         return None
     if out is None:
         raise InputError("a streamed compression writes its result block by block: give an output folder (-o)")
@@ -252,6 +254,19 @@ def _maybe_stream(spec, recipe, data, out, format, progress, max_memory, stream,
               "estimate_in_memory_bytes": plan["in_memory"], "estimate_streaming_bytes": plan["streaming"]}
     return model, {"methods": steps, "output": info["streamed"]["output"], "memory": memory,
                    "not_measured": "a streamed run measures no perplexity; run lmpress eval on the output"}
+
+
+def _same_on_every_rank(value):
+    """``value`` as rank 0 has it, on every rank of a torch.distributed group (as it is in one process)."""
+    from .calib import ranks
+
+    if ranks()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _streamable(spec, stream, allow_pickle, trust_remote_code, verb: str):

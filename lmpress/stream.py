@@ -284,14 +284,40 @@ class OutputShards:
     inputs as a checkpoint, ``stream-progress.json`` naming the finished blocks; the last shard,
     the index, the config and the tokenizer at the end, then one rename."""
 
-    def __init__(self, out: Path, fingerprint: str, n_blocks: int, fmt: str, ref: dict[str, nn.Module], metadata: dict):
+    def __init__(self, out: Path, fingerprint: str, n_blocks: int, fmt: str, ref: dict[str, nn.Module], metadata: dict,
+                 rank: int = 0, world: int = 1):
         self.out, self.fingerprint, self.n, self.fmt, self.ref, self.metadata = out, fingerprint, n_blocks, fmt, ref, metadata
+        self.rank, self.world = rank, world
         self.partial = out.with_name(f".{out.name}.partial")
+        # under torchrun each rank holds its own calibration rows: its own checkpoint of hidden states
+        self.hidden = self.partial / ("hidden" if world == 1 else f"hidden-{rank}-of-{world}")
         self.settings: dict[str, dict] = {}  # compressed-tensors weights arguments of each quantized layer
         self.weight_map: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
         self.resumed_at = 0
-        self.state = self._open()
+        if rank == 0:
+            self.state = self._open()
+        self._barrier()  # the other ranks read what rank 0 found or made
+        if rank > 0:
+            self.state = self._read_progress()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _read_progress(self) -> dict:
+        """A rank other than 0: the progress rank 0 opened (the output must be on a filesystem every rank sees)."""
+        try:
+            state = json.loads((self.partial / PROGRESS).read_text())
+        except (OSError, ValueError):
+            raise InputError(f"rank {self.rank} cannot read {self.partial / PROGRESS}, which rank 0 wrote: a streamed "
+                             "compression under torchrun needs its output on a filesystem every process sees") from None
+        if state.get("fingerprint") == self.fingerprint:
+            self.settings, self.weight_map, self.sizes = state.get("settings", {}), state.get("weight_map", {}), state.get("sizes", {})
+            self.resumed_at = state["done"]
+        return state
 
     def _open(self) -> dict:
         prog = self.partial / PROGRESS
@@ -306,25 +332,34 @@ class OutputShards:
                 return state
         shutil.rmtree(self.partial, ignore_errors=True)  # another run's leftovers (other input or options)
         self.partial.mkdir(parents=True)
-        return {"fingerprint": self.fingerprint, "done": 0}
+        state = {"fingerprint": self.fingerprint, "done": 0}
+        if self.world > 1:  # the other ranks read it after the barrier
+            self.state = state
+            self._commit()
+        return state
 
     def shard_name(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
-        hidden = self.partial / "hidden"  # absent for methods with no calibration pass (RTN)
+        hidden = self.hidden  # absent for methods with no calibration pass (RTN)
         if self.resumed_at == 0 or not hidden.exists():
             return self.resumed_at, None
         return self.resumed_at, _load_hidden(hidden)
 
     def write_block(self, i: int, block: nn.Module, prefix: str, next_inputs) -> None:
-        state = self._state(block, prefix)
-        self._record_layers(block, prefix)
-        self._save(state, self.shard_name(i))
+        """Rank 0 writes the block's shard; every rank checkpoints its hidden states; once all have,
+        rank 0 records the block as done (so a resume never finds a rank's checkpoint missing)."""
+        if self.rank == 0:
+            state = self._state(block, prefix)
+            self._record_layers(block, prefix)
+            self._save(state, self.shard_name(i))
         if next_inputs is not None:
-            _save_hidden(next_inputs, self.partial / "hidden")
+            _save_hidden(next_inputs, self.hidden)
+        self._barrier()
         self.state["done"] = i + 1
-        self._commit()
+        if self.rank == 0:
+            self._commit()
 
     def _record_layers(self, module: nn.Module, prefix: str = "") -> None:
         """Keep what the config records of ``module``'s compressed layers: their compressed-tensors
@@ -368,7 +403,17 @@ class OutputShards:
         os.replace(tmp, self.partial / PROGRESS)
 
     def finish(self, model: nn.Module, tokenizer, skip: str) -> Path:
-        """Write the rest (embedding, norm, head), config, index and tokenizer; rename into place."""
+        """Write the rest (embedding, norm, head), config, index and tokenizer; rename into place (rank 0;
+        the other ranks wait for it)."""
+        if self.rank > 0:
+            self._barrier()
+            return self.out
+        try:
+            return self._finish(model, tokenizer, skip)
+        finally:
+            self._barrier()
+
+    def _finish(self, model: nn.Module, tokenizer, skip: str) -> Path:
         state = self._state(model, "", skip=skip)
         self._record_layers(model)  # a quantized head (the blocks are back on the meta device, as loaded)
         if self.fmt == "hf":
@@ -379,8 +424,7 @@ class OutputShards:
         (self.partial / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(self.partial)
-        for f in (PROGRESS, "hidden"):
-            p = self.partial / f
+        for p in [self.partial / PROGRESS, *self.partial.glob("hidden*")]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if self.out.exists():
             trash = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -586,14 +630,14 @@ def compress(folder: Path, recipe: list, tokenizer, calib: torch.Tensor, data, o
     from .formats import compressed_tensors as ct
 
     check_streamable(recipe)
-    if ranks()[1] > 1:
-        raise InputError("streaming under torchrun is not supported yet: run the streamed compression in one process")
+    rank, world = ranks()
     cfg = recipe[0]
     model = skeleton(folder, trust_remote_code)
     shards = Shards(folder)
     fmt = _stream_format(cfg, format)
     ref = ct._reference(model)
-    sink = OutputShards(out, fingerprint(folder, recipe, data, fmt), len(arch.blocks(model)), fmt, ref, metadata)
+    key = fingerprint(folder, recipe, data, fmt) + (f"-{world}" if world > 1 else "")  # checkpoints are per rank
+    sink = OutputShards(out, key, len(arch.blocks(model)), fmt, ref, metadata, rank, world)
     finish = _finish_step(cfg)
     source = model.lmpress_blocks = BlockStream(model, shards, sink, finish)
     _, fn = rc._entry(cfg.method)
