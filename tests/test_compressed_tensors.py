@@ -164,7 +164,7 @@ def test_unpack_reads_the_packages_packing_of_every_width(bits):
     from compressed_tensors.compressors.pack_quantized import pack_to_int32
 
     c = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (5, 77), dtype=torch.int8)
-    assert torch.equal(ct.unpack_words(pack_to_int32(c, bits), bits, 77), c.long() + 2 ** (bits - 1))
+    assert torch.equal(ct.unpack_words(pack_to_int32(c, bits), bits, 77).long(), c.long() + 2 ** (bits - 1))
     with pytest.raises(InputError, match="int32 of shape"):
         ct.unpack_words(torch.zeros(5, 77 // (32 // bits) + 2, dtype=torch.int32), bits, 77)
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def pack_words(q: Tensor, bits: int) -> Tensor:
 
 
 def unpack_words(words: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of :func:`pack_words`: int32 (rows, ceil(n * bits / 32)) -> int64 codes (rows, n)."""
+    """Inverse of :func:`pack_words`: int32 (rows, ceil(n * bits / 32)) -> codes (rows, n), uint8 for
+    the bit widths lmpress packs (the words' little-endian bytes are :func:`pack.pack`'s bytes of the
+    codes padded to a multiple of 32: read as such, with no 64-bit temporaries), int64 otherwise."""
     rows = words.shape[0]
     expected = (rows, math.ceil(n * bits / 32))
     if words.dtype != torch.int32 or tuple(words.shape) != expected:
@@ -89,6 +92,13 @@ def unpack_words(words: Tensor, bits: int, n: int) -> Tensor:
             f"packed {bits}-bit codes of {n} columns must be int32 of shape {expected}; got {words.dtype} "
             f"{tuple(words.shape)} (compressed-tensors < 0.20 padded 3/5/6/7-bit words: re-export it with >= 0.20)"
         )
+    if bits in BITS and sys.byteorder == "little":
+        width = math.ceil(n / 32) * 32
+        b = words.contiguous().view(torch.uint8)  # (rows, 4 * words)
+        full = width * bits // 8
+        if b.shape[1] < full:
+            b = torch.cat([b, torch.zeros(rows, full - b.shape[1], dtype=torch.uint8)], 1)
+        return pack.unpack(b[:, :full].contiguous(), bits, (rows, width))[:, :n]
     u = words.long() & 0xFFFFFFFF  # (rows, words) as unsigned
     pair = u | (torch.cat([u[:, 1:], torch.zeros_like(u[:, :1])], 1) << 32)  # each word with the next one above it
     start = torch.arange(n) * bits  # (n,) first bit of each code
@@ -391,11 +401,10 @@ def empty_layer(layer: dict[str, Tensor], args: dict, module: nn.Module) -> nn.M
                               "group_size": cols // groups, "bias": getattr(module, "bias", None) is not None})
 
 
-def codes_of(layer: dict[str, Tensor], args: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """Unsigned codes q (out, in), scales s and unsigned zeros z (out, G) of one packed layer."""
+def scales_zeros(layer: dict[str, Tensor], args: dict) -> tuple[Tensor, Tensor]:
+    """Scales s and unsigned zeros z (out, G) of one packed layer."""
     bits = args["num_bits"]
-    out, cols = (int(d) for d in layer["weight_shape"])
-    q = unpack_words(layer["weight_packed"], bits, cols)  # (out, in)
+    out = int(layer["weight_shape"][0])
     s = layer["weight_scale"].reshape(out if layer["weight_scale"].numel() >= out else 1, -1).expand(out, -1)
     zp = layer.get("weight_zero_point")
     if args.get("symmetric", True) or zp is None:
@@ -404,7 +413,23 @@ def codes_of(layer: dict[str, Tensor], args: dict) -> tuple[Tensor, Tensor, Tens
         z = unpack_words(zp.T.contiguous(), bits, out).T  # packed along the output dimension
     else:
         z = zp.reshape(s.shape).long() + 2 ** (bits - 1)  # older releases stored plain int8 zero points
-    return q, s, z.expand(s.shape)
+    return s, z.expand(s.shape)
+
+
+def codes_of(layer: dict[str, Tensor], args: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Unsigned codes q (out, in), scales s and unsigned zeros z (out, G) of one packed layer."""
+    cols = int(layer["weight_shape"][1])
+    return (unpack_words(layer["weight_packed"], args["num_bits"], cols), *scales_zeros(layer, args))
+
+
+def packed_bytes(words: Tensor, bits: int, n: int) -> Tensor | None:
+    """:func:`pack.pack`'s bytes (rows, n * bits / 8) of the codes in ``words`` (int32, as
+    :func:`pack_words` writes them), read in place of the words: their little-endian bytes are the
+    dense codes, least significant bits first. None where that does not hold byte for byte (a row
+    that ends inside a byte, a big-endian host)."""
+    if bits not in BITS or n * bits % 8 or sys.byteorder != "little" or 4 * words.shape[1] < n * bits // 8:
+        return None
+    return words.contiguous().view(torch.uint8)[:, : n * bits // 8]
 
 
 def dequantize_layer(layer: dict[str, Tensor], args: dict) -> Tensor:
@@ -439,14 +464,27 @@ def _why_float(layer: dict[str, Tensor], args: dict, module: nn.Module) -> str |
 
 
 def _layer(layer: dict[str, Tensor], args: dict, bias: Tensor | None) -> QuantLinear:
-    """The QuantLinear holding exactly this packed layer (for which :func:`_why_float` is None)."""
+    """The QuantLinear holding exactly this packed layer (for which :func:`_why_float` is None): the
+    packed bytes are taken as they are where they are lmpress's (:func:`packed_bytes`; no codes are
+    unpacked, so a layer needs no more memory than its bytes), else unpacked and packed again."""
     from ..quant.grid import GridSpec
 
-    q, s, z = codes_of(layer, args)
-    bits, cols = args["num_bits"], q.shape[1]
-    ternary = bits == 2 and bool((z == 1).all()) and int(q.max()) <= 2
-    spec = GridSpec(bits, cols // s.shape[1], ternary=ternary)
-    return QuantLinear.from_codes(q.to(torch.uint8), s.float(), z.float(), spec, bias=None if bias is None else bias.float())
+    bits = args["num_bits"]
+    out, cols = (int(d) for d in layer["weight_shape"])
+    s, z = scales_zeros(layer, args)
+    raw = packed_bytes(layer["weight_packed"], bits, cols)
+    ternary = bits == 2 and bool((z == 1).all()) and int(unpack_words(layer["weight_packed"], bits, cols).max()) <= 2
+    if raw is None or tuple(raw.shape) != pack.packed_shape((out, cols), bits):
+        spec = GridSpec(bits, cols // s.shape[1], ternary=ternary)
+        q = unpack_words(layer["weight_packed"], bits, cols)
+        return QuantLinear.from_codes(q.to(torch.uint8), s.float(), z.float(), spec, bias=None if bias is None else bias.float())
+    m = QuantLinear(cols, out, bits, cols // s.shape[1], bias is not None, ternary)
+    m.qweight.copy_(raw)
+    m.scales.copy_(s.to(torch.float16))
+    m.zeros.copy_(z.to(torch.float16))
+    if bias is not None:
+        m.bias.data.copy_(bias.detach().float())
+    return m
 
 
 def _load_rest(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
