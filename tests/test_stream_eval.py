@@ -173,20 +173,17 @@ def big(tmp_path_factory):
     return big_folders(tmp_path_factory.mktemp("big"))
 
 
-@pytest.mark.memory
-def test_streamed_evaluation_peak_memory_stays_below_the_weights(big):
-    """Measured peak-RSS check, as test_stream.py's for compression: after a warm-up, a streamed
-    evaluation's peak above the process's resident size stays under half the weights on disk (one
-    block, the embedding and head, the windows' hidden states), while the in-memory one holds them
-    all; both give the same perplexity."""
+def _check_peaks(folder, warm, corpus) -> None:
+    """Run PEAK_SCRIPT streamed and in memory on ``folder`` (warm-up on ``warm``): the streamed peak above
+    the process's resident size stays under half the weights on disk, the in-memory one holds them all,
+    and both give the same perplexity."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    folder, warm, corpus = big
-    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     figures = {}
     for stream in ("1", "0"):
@@ -204,37 +201,22 @@ def test_streamed_evaluation_peak_memory_stays_below_the_weights(big):
 
 
 @pytest.mark.memory
-def test_streamed_compressed_tensors_peak_memory_stays_below_the_packed_weights(big, tmp_path):
-    """The same measured check for a compressed-tensors folder (8-bit per channel: 8-bit so that the packed
-    weights stand well above the ~20 MB a streamed evaluation holds whatever the model): streamed, the peak
-    above the baseline stays under half the packed weights on disk, which the in-memory load holds whole;
-    the perplexity is the same."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_streamed_evaluation_peak_memory_stays_below_the_weights(big):
+    """Measured peak-RSS check, as test_stream.py's for compression: after a warm-up, a streamed
+    evaluation's peak above the process's resident size stays under half the weights on disk (one
+    block, the embedding and head, the windows' hidden states), while the in-memory one holds them
+    all; both give the same perplexity."""
+    _check_peaks(*big)
 
+
+@pytest.mark.memory
+def test_streamed_compressed_tensors_peak_memory_stays_below_the_packed_weights(big, tmp_path):
+    """The same check for a compressed-tensors folder (8-bit per channel: 8-bit so that the packed weights
+    stand well above the ~20 MB a streamed evaluation holds whatever the model)."""
     from lmpress.api import compress
     from lmpress.recipe import make_config
 
     folder, warm, corpus = big
-    packed = {}
     for name, src in (("big", folder), ("warm", warm)):
         compress(str(src), [make_config("rtn", bits=8, group_size=-1)], out=tmp_path / name, measure=False, progress=False)
-        packed[name] = tmp_path / name
-    weights = sum(p.stat().st_size for p in packed["big"].glob("*.safetensors"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    figures = {}
-    for stream in ("1", "0"):
-        r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(packed["big"]), str(packed["warm"]), str(corpus), stream],
-                           capture_output=True, text=True, env=env, timeout=900)
-        assert r.returncode == 0, r.stderr[-2000:]
-        figures[stream] = json.loads(r.stdout.strip().splitlines()[-1])
-    streamed = figures["1"]["peak"] - figures["1"]["base"]
-    in_memory = figures["0"]["peak"] - figures["0"]["base"]
-    print(f"packed weights {weights:,} B; peak above baseline: streamed {streamed:,} B, in memory {in_memory:,} B")
-    assert figures["1"]["streamed"] and not figures["0"]["streamed"]
-    assert streamed < weights / 2, (streamed, weights)
-    assert in_memory > 0.9 * weights, (in_memory, weights)
-    assert abs(figures["1"]["ppl"] - figures["0"]["ppl"]) <= 1e-5 * figures["0"]["ppl"]
+    _check_peaks(tmp_path / "big", tmp_path / "warm", corpus)
