@@ -220,3 +220,25 @@ def test_streamed_compressed_tensors_peak_memory_stays_below_the_packed_weights(
     for name, src in (("big", folder), ("warm", warm)):
         compress(str(src), [make_config("rtn", bits=8, group_size=-1)], out=tmp_path / name, measure=False, progress=False)
     _check_peaks(tmp_path / "big", tmp_path / "warm", corpus)
+
+
+def test_a_packed_shape_that_is_not_the_configs_is_refused(src, tmp_path):
+    """weight_shape disagreeing with config.json: a clear error, in memory and streamed, not a wrong load."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder, corpus = src
+    out = tmp_path / "q"
+    _run(folder, RECIPES["gptq"](), corpus, out, stream=True)
+    cfg = json.loads((out / "config.json").read_text())
+    key = "model.layers.0.mlp.up_proj.weight_shape"
+    file = next(f for f in sorted(out.glob("*.safetensors")) if key in load_file(str(f)))
+    state = load_file(str(file))
+    state[key] = torch.tensor([state[key][0] // 2, state[key][1]])
+    save_file(state, str(file), metadata={"format": "pt"})
+    assert json.loads((out / "config.json").read_text()) == cfg
+    for stream in (False, True):
+        with pytest.raises(InputError, match="weight_shape"):
+            model, tok = open_model(out, stream=stream)
+            _figures(model, tok, corpus)

@@ -383,16 +383,27 @@ def _scheme_for(name: str, module: nn.Module, groups: list[dict], ignore: list[s
 
 def build_layer(layer: dict[str, Tensor], args: dict, module: nn.Module, bias: Tensor | None):
     """``(QuantLinear, kind)`` holding one packed layer exactly, or ``(float32 weight, kind)`` where
-    lmpress's QuantLinear cannot hold it (:func:`_why_float`): its exact dequantized weight."""
+    lmpress's QuantLinear cannot hold it (:func:`_why_float`): its exact dequantized weight. A packed shape
+    other than the model's layer is refused (the checkpoint does not belong to this config)."""
+    _check_shape_matches(layer, module)
     why = _why_float(layer, args, module)
     if why:
         return dequantize_layer(layer, args), f"float {type(module).__name__} with the exact dequantized weights ({why})"
     return _layer(layer, args, bias), f"QuantLinear {args['num_bits']}-bit"
 
 
+def _check_shape_matches(layer: dict[str, Tensor], module: nn.Module) -> None:
+    shape = tuple(int(d) for d in layer["weight_shape"])
+    want = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if None not in want and shape != want:
+        raise InputError(f"a packed layer's weight_shape {shape} is not the model's {type(module).__name__} {want}: "
+                         "the weights do not belong to this config.json; re-export the folder")
+
+
 def empty_layer(layer: dict[str, Tensor], args: dict, module: nn.Module) -> nn.Module | None:
     """The layer :func:`build_layer` makes, on the meta device (shapes and storage, no values), from the
     packed layer's scales, shape and g_idx (its codes are not needed); None when it stays a float layer."""
+    _check_shape_matches(layer, module)
     if _why_float(layer, args, module):
         return None
     out, cols = (int(d) for d in layer["weight_shape"])
