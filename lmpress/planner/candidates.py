@@ -26,19 +26,26 @@ FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query_key_v
 @dataclass(frozen=True)
 class Candidate:
     """One setting: ``bits`` on lmpress's grid with ``group_size`` columns per scale (-1: per output
-    channel), or ``bits=None``: keep the layer in float."""
+    channel), or one of llama.cpp's block types ``gguf`` (``bits`` its code width, ``group_size`` its
+    block), or ``bits=None``: keep the layer in float."""
 
     bits: int | None
     group_size: int = -1
+    gguf: str | None = None
 
     @property
     def label(self) -> str:
         if self.bits is None:
             return "float"
+        if self.gguf:
+            return self.gguf
         return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
 
-    def spec(self, sym: bool = False) -> GridSpec | None:
-        return None if self.bits is None else GridSpec(self.bits, self.group_size, sym)
+    def spec(self, sym: bool = False) -> GridSpec | str | None:
+        """The grid to round to: a GridSpec, a ggml type name, or None (float)."""
+        if self.bits is None:
+            return None
+        return self.gguf or GridSpec(self.bits, self.group_size, sym)
 
 
 FLOAT = Candidate(None)
@@ -67,6 +74,8 @@ def quant_bytes(out: int, cols: int, cand: Candidate, *, bias: bool, float_size:
     b = 4 * out if bias else 0
     if cand.bits is None:
         return out * cols * float_size + (out * float_size if bias else 0)
+    if cand.gguf:  # ggml blocks: type_size bytes per block of weights (the file's F32 bias besides)
+        return out * ggml_row_bytes(cand.gguf, cols) + b
     g = cols if cand.group_size == -1 else cand.group_size
     return out * cols * cand.bits // 8 + 2 * 2 * out * (cols // g) + b
 
@@ -75,11 +84,32 @@ def grid_candidates(bits=BITS, group_sizes=(32, 64, -1)) -> tuple[Candidate, ...
     return tuple(Candidate(b, g) for b in bits for g in group_sizes)
 
 
+# llama.cpp's block types a GGUF plan chooses among by default (fallbacks of the K types included)
+GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+
+
+def ggml_row_bytes(gtype: str, cols: int) -> int:
+    """Bytes of one row of ``cols`` weights in ggml type ``gtype`` (its block must divide ``cols``)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[gtype]]
+    return cols // block * size
+
+
+def gguf_candidates(types=GGUF_TYPES) -> tuple[Candidate, ...]:
+    """One candidate per ggml block type (code width, block), for a GGUF plan."""
+    from ..quant import ggml
+
+    return tuple(Candidate(ggml.block_type(t).bits, ggml.block_type(t).block, t) for t in types)
+
+
 def _fits(cand: Candidate, shapes) -> bool:
     from ..quant.pack import _IN_MULTIPLE
 
     if cand.bits is None:
         return True
+    if cand.gguf:  # the type itself, not llama.cpp's fallback (which is a candidate of its own)
+        return all(i % cand.group_size == 0 for _, i in shapes)
     return all((cand.group_size == -1 or i % cand.group_size == 0) and i % _IN_MULTIPLE[cand.bits] == 0
                for _, i in shapes)
 
@@ -117,9 +147,11 @@ def _make_group(name, kind, block, layers, mods, cands, tied_head=False) -> Grou
     return Group(name, kind, block, tuple(layers), shapes, ok, tuple(nbytes))
 
 
-def layer_groups(model, candidates: tuple[Candidate, ...], head_bits=(4, 8), head_group_size: int = 64) -> list[Group]:
-    """Every group of ``model`` with the candidates that fit its shapes (and float). The head's
-    candidates are float and ``head_bits`` at ``head_group_size`` (the recipe's ``head_bits``)."""
+def layer_groups(model, candidates: tuple[Candidate, ...], head_bits=(4, 8), head_group_size: int = 64,
+                 keep_float: bool = True) -> list[Group]:
+    """Every group of ``model`` with the candidates that fit its shapes (and float, unless not
+    ``keep_float``). The head's candidates are float and ``head_bits`` at ``head_group_size`` (the
+    recipe's ``head_bits``)."""
     spec = arch.spec_for(model)
     out = []
     for i, block in enumerate(arch.blocks(model)):
@@ -127,7 +159,7 @@ def layer_groups(model, candidates: tuple[Candidate, ...], head_bits=(4, 8), hea
         for names in _block_groups(block):
             full = [f"{spec.blocks}.{i}.{n}" for n in names]
             out.append(_make_group(f"{spec.blocks}.{i}.{_kind(names)}", _kind(names), i, full,
-                                   [mods[n] for n in names], (FLOAT, *candidates)))
+                                   [mods[n] for n in names], (FLOAT, *candidates) if keep_float else candidates))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and head_bits and arch.is_dense_linear(head):
         hname = next(n for n, m in model.named_modules() if m is head)

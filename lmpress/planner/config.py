@@ -103,6 +103,9 @@ class PlanConfig:
     recipes: random mixed recipes measured (with every uniform one) to rank and scale the estimators.
     rounds: confirmation rounds at most (compress for real, evaluate, tighten when the budget is missed).
     sym: symmetric grid. cache_dir: where measured sensitivities are kept (None: ~/.cache/lmpress/plan).
+    gguf: plan a GGUF file instead (a llama-quantize file type, e.g. ``Q4_K_M``: its rule gives the
+        embedding's and output head's types): each block group chooses among the ggml block types
+        ``gguf_types`` (those whose block divides its rows), solved by GPTQ on that type's grid; no float.
     """
 
     bits: tuple = BITS
@@ -119,11 +122,21 @@ class PlanConfig:
     sym: bool = False
     seed: int = 0
     cache_dir: str | None = None
+    gguf: str | None = None
+    gguf_types: tuple = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
     def __post_init__(self):
         object.__setattr__(self, "bits", tuple(self.bits))
         object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
         object.__setattr__(self, "head_bits", tuple(self.head_bits or ()))
+        object.__setattr__(self, "gguf_types", tuple(self.gguf_types or ()))
+        if self.gguf is not None:
+            from ..quant import ggml, gguf_mix
+
+            object.__setattr__(self, "gguf", gguf_mix.ftype(self.gguf))
+            bad = [t for t in self.gguf_types if t not in ggml.TYPES]
+            if bad or not self.gguf_types:
+                raise InputError(f"plan gguf_types must be ggml block types among {', '.join(ggml.TYPES)}, got {bad or 'none'}")
         bad = [b for b in self.bits + self.head_bits if b not in BITS]
         if bad or not self.bits:
             raise InputError(f"plan bits must be among {BITS} (what lmpress stores packed), got {bad or 'none'}")

@@ -36,11 +36,17 @@ def recipe_yaml(recipe) -> str:
 
 
 def write_outputs(model, tokenizer, res: dict, recipe, out, *, data, format: str, overwrite: bool) -> Path:
-    from ..io import save_model
+    from ..io import _atomic_folder, check_output, save_model
 
-    saved = save_model(model, out, tokenizer=tokenizer, format=format, recipe=recipe, data=data, overwrite=overwrite)
+    if format.partition(":")[0] == "gguf":  # OUT holds model.gguf beside the report
+        saved = _atomic_folder(check_output(out, overwrite=overwrite), lambda tmp: save_model(
+            model, tmp / "model.gguf", tokenizer=tokenizer, format=format, recipe=recipe, data=data))
+        replay = f"--format {format} -o REPLAY.gguf"
+    else:
+        saved = save_model(model, out, tokenizer=tokenizer, format=format, recipe=recipe, data=data, overwrite=overwrite)
+        replay = "-o REPLAY"
     res["replay"] = (f"lmpress compress {res.get('model_spec') or '<MODEL>'} --recipe {saved}/recipe.yaml "
-                     f"--calib-samples {data.calib_samples} --calib-len {data.calib_len} -o REPLAY")
+                     f"--calib-samples {data.calib_samples} --calib-len {data.calib_len} {replay}")
     _atomic_write(saved / "recipe.yaml", recipe_yaml(recipe))
     _atomic_write(saved / "plan.json", json.dumps(res, indent=1, default=str))
     md, figs = markdown(res), figures(res)

@@ -81,9 +81,11 @@ class Cache:
 # ---- measuring -----------------------------------------------------------------------------------
 
 
-def sample_recipes(groups: list[Group], n: int, seed: int) -> list[dict]:
+def sample_recipes(groups: list[Group], n: int, seed: int, rule: tuple | None = None) -> list[dict]:
     """Every uniform recipe (one grid setting on all block groups) and ``n`` random mixed ones (each
-    mixes 2-3 settings, so together they span the range of sizes); the head stays float."""
+    mixes 2-3 settings, so together they span the range of sizes); the head stays float. Then the
+    hand-written rule: ``rule`` ``(name, {layer: candidate fields})``, by default llama.cpp's Q4_K_M
+    rule on lmpress's grid (:func:`q4km_rule`)."""
     blocks = [g for g in groups if g.block is not None]
     labels = [c.label for c in blocks[0].candidates if c.bits is not None
               and all(c in g.candidates for g in blocks)]
@@ -94,8 +96,40 @@ def sample_recipes(groups: list[Group], n: int, seed: int) -> list[dict]:
     for r in range(n):
         mix = rng.sample(labels, min(len(labels), rng.choice((2, 3))))
         out.append({"name": f"mixed {r}", "choice": {g.name: pick(g, rng.choice(mix)) for g in blocks}})
-    rule = q4km_rule(groups)
-    return out + ([{"name": "Q4_K_M rule", "layers": rule}] if rule else [])
+    name, layers = rule if rule is not None else ("Q4_K_M rule", q4km_rule(groups))
+    return out + ([{"name": name, "layers": layers}] if layers else [])
+
+
+def gguf_rule(model, groups: list[Group], ftype: str) -> tuple[str, dict]:
+    """llama.cpp's own rule for the file type ``ftype`` on the plan's groups: ``(name, {layer: (bits,
+    block, type)})``, the types llama-quantize gives each block linear (with an importance matrix)."""
+    from ..quant import ggml, gguf_mix
+
+    types = gguf_mix.plan(model, ftype, imatrix=True)
+    return f"{ftype} rule", {n: (ggml.block_type(types[f"{n}.weight"]).bits, ggml.block_type(types[f"{n}.weight"]).block,
+                                 types[f"{n}.weight"]) for g in groups if g.block is not None for n in g.layers}
+
+
+def gguf_fixed_bytes(model, groups: list[Group], ftype: str) -> int:
+    """Bytes of a GGUF plan's file outside the groups: every other matrix in the type the file type's
+    rule gives it (the token embedding, an untied head), everything else (norms) in F32; a tied head
+    is not stored."""
+    from ..quant import gguf_mix
+    from .candidates import ggml_row_bytes
+
+    types = gguf_mix.plan(model, ftype, imatrix=True)  # every stored matrix; a tied head has none
+    inside = {f"{n}.{k}" for g in groups for n in g.layers for k in ("weight", "bias")}
+    total = 0
+    for name, t in model.state_dict().items():
+        if name in inside:
+            continue
+        if name in types:
+            kind = types[name]
+            total += t.shape[0] * (t.shape[1] * {"F16": 2, "F32": 4}[kind] if kind in ("F16", "F32")
+                                   else ggml_row_bytes(kind, t.shape[1]))
+        elif t.dim() == 1:  # norms (and biases outside the groups) are F32
+            total += t.numel() * 4
+    return total
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -119,7 +153,7 @@ def q4km_rule(groups: list[Group]) -> dict | None:
 
 
 def measure(model, groups: list[Group], holdout: torch.Tensor, cfg: PlanConfig, cache: Cache,
-            progress: bool = True) -> dict:
+            progress: bool = True, rule: tuple | None = None) -> dict:
     """Fill ``cache.data`` with what is missing: ``fisher`` and/or ``kl`` scores per group, and the
     measured KL of :func:`sample_recipes` (each step saved as it finishes)."""
     from ..progress import bar
@@ -143,7 +177,7 @@ def measure(model, groups: list[Group], holdout: torch.Tensor, cfg: PlanConfig, 
             cache.save()
         del ref
     recs = d.setdefault("recipes", [])
-    todo = sample_recipes(groups, cfg.recipes, cfg.seed)[len(recs):]
+    todo = sample_recipes(groups, cfg.recipes, cfg.seed, rule)[len(recs):]
     if todo:
         t0 = time.perf_counter()
         ref = reference(model, holdout)
@@ -271,6 +305,23 @@ def nearest(groups, pred, target, fixed: int, kl_limit) -> str:
     return "; ".join(parts)
 
 
+def plan_groups(model, cfg: PlanConfig) -> tuple[list[Group], int, tuple | None]:
+    """The groups with their candidates, the bytes outside them, and the hand-written rule to measure
+    beside (None: llama.cpp's Q4_K_M rule on lmpress's grid): lmpress's grid settings and float, or for
+    a GGUF plan llama.cpp's block types (no float; the head is not a group: the file type's rule types it)."""
+    if cfg.gguf:
+        from .candidates import gguf_candidates
+
+        groups = layer_groups(model, gguf_candidates(cfg.gguf_types), head_bits=(), keep_float=False)
+        empty = [g.name for g in groups if not g.candidates]
+        if empty:
+            raise InputError(f"no type of gguf_types {list(cfg.gguf_types)} has a block that divides the rows of "
+                             f"{empty[0]}; add Q8_0 or Q4_0 (blocks of 32)")
+        return groups, gguf_fixed_bytes(model, groups, cfg.gguf), gguf_rule(model, groups, cfg.gguf)
+    groups = layer_groups(model, grid_candidates(cfg.bits, cfg.group_sizes), cfg.head_bits)
+    return groups, fixed_bytes(model, groups), None
+
+
 def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data: DataConfig | None = None,
          config: PlanConfig | None = None, format: str = "auto", overwrite: bool = False, progress: bool = True,
          context: int = 512) -> dict:
@@ -298,6 +349,16 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     if budget is None and target is None:
         raise InputError("give a budget (--budget kl=0.05 or ppl=+5%), a target (--target bits=4.5 or size=100MB), or both")
     cfg, data = config or PlanConfig(), data or DataConfig()
+    if format.partition(":")[0] == "gguf":  # --format gguf:TYPE: a GGUF plan with TYPE's rule for the rest
+        import dataclasses
+
+        from ..io import gguf_format
+
+        ftype = gguf_format(format)
+        if ftype is None or (cfg.gguf is not None and cfg.gguf != ftype):
+            raise InputError(f"--format {format}: a GGUF plan needs the file type whose rule types the embedding and "
+                             "head, e.g. --format gguf:Q4_K_M" + (f" (the config says gguf={cfg.gguf})" if cfg.gguf else ""))
+        cfg = dataclasses.replace(cfg, gguf=ftype)
     spec = None if hasattr(model, "config") else model
     model_spec = str(spec) if spec is not None else (None if model is not None else "smollm2-135m")
     if out is not None:
@@ -305,11 +366,12 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     if spec is not None or model is None:
         model, tokenizer = load_model(spec)
     t_start = time.perf_counter()
-    groups = layer_groups(model, grid_candidates(cfg.bits, cfg.group_sizes), cfg.head_bits)
-    fixed = fixed_bytes(model, groups)
+    groups, fixed, rule = plan_groups(model, cfg)
+    if cfg.gguf:
+        format = f"gguf:{cfg.gguf}"
     holdout = holdout_ids(tokenizer, data, cfg)
     cache = Cache(cfg, cache_key(model, holdout, groups, cfg))
-    measured = measure(model, groups, holdout, cfg, cache, progress)
+    measured = measure(model, groups, holdout, cfg, cache, progress, rule)
     quality = assess(groups, measured)
     est = quality["use"]
     pred = predicted_kl(groups, measured, est, quality["estimators"][est]["scale"])
@@ -325,7 +387,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     plan_seconds = time.perf_counter() - t_start
     rounds, student, recipe = [], None, None
     for r in range(cfg.rounds):
-        recipe = recipe_for(groups, choice, sym=cfg.sym)
+        recipe = recipe_for(groups, choice, sym=cfg.sym, gguf=cfg.gguf)
         t0 = time.perf_counter()
         student = copy.deepcopy(model)
         rc.apply(student, recipe[0], rc.RunContext(calib=calib, tokenizer=tokenizer, data=data, progress=progress))

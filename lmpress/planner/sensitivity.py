@@ -30,7 +30,12 @@ from .candidates import Group
 
 
 def rtn_weight(w: torch.Tensor, spec) -> torch.Tensor:
-    """``w`` (out, in) rounded to the nearest point of ``spec``'s grid (min/max scales), float32."""
+    """``w`` (out, in) rounded to the nearest point of ``spec``'s grid (min/max scales), float32;
+    ``spec`` a ggml type name: llama.cpp's block grid of that type, round-to-nearest."""
+    if isinstance(spec, str):
+        from ..quant import ggml
+
+        return ggml.dequantize(ggml.quantize(w.float(), spec))
     s, z = grid_params(w, spec)
     return fake_quantize(w, s, z, spec)
 
