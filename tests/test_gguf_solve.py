@@ -1,7 +1,6 @@
 """Methods solved on llama.cpp's grids: GPTQ below RTN on each type, bytes gguf reads back exactly,
 llama.cpp's per-tensor type rule, compress/export to .gguf and what they refuse."""
 
-import hashlib
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 from lmpress.errors import InputError  # noqa: E402
 from lmpress.quant import ggml, gguf_mix  # noqa: E402
 from lmpress.quant.gptq import gptq_solve_ggml, inverse_hessian  # noqa: E402
-from tests.test_gguf_writer import bpe_tokenizer, tiny_llama  # noqa: E402
+from tests.test_gguf_writer import gguf_ready, tiny_llama  # noqa: E402
 
 
 def _layer(seed=0, rows=32, cols=512, n=1024):
@@ -143,13 +142,7 @@ def test_config_refuses_what_contradicts_the_type():
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     """A tiny Llama with a byte-level BPE tokenizer llama.cpp reads as 'default', and calibration text."""
-    from lmpress.formats import gguf as fg
-
-    tok = bpe_tokenizer()
-    h = hashlib.sha256(str(tok.encode(fg.CHECK_TEXT)).encode()).hexdigest()
-    monkeypatch.setitem(fg.PRE_BY_HASH, h, "default")
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. a model compressed is a model measured. " * 300)
+    tok, text = gguf_ready(tmp_path, monkeypatch)
     return tiny_llama(hidden=256, inter=512), tok, str(text)
 
 

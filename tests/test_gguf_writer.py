@@ -13,6 +13,21 @@ from lmpress.formats.gguf import permute_qk, write_gguf  # noqa: E402
 from lmpress.quant import ggml  # noqa: E402
 
 
+def gguf_ready(tmp_path, monkeypatch):
+    """``(tokenizer, calibration text file)``: :func:`bpe_tokenizer`, registered as llama.cpp's 'default'
+    pre-tokenizer for this test, and a text to calibrate on."""
+    import hashlib
+
+    from lmpress.formats import gguf as fg
+
+    tok = bpe_tokenizer()
+    h = hashlib.sha256(str(tok.encode(fg.CHECK_TEXT)).encode()).hexdigest()
+    monkeypatch.setitem(fg.PRE_BY_HASH, h, "default")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. a model compressed is a model measured. " * 300)
+    return tok, text
+
+
 def bpe_tokenizer(vocab_size=320):
     """A real byte-level BPE (GPT-2 style) trained in-process on a few sentences, with <s> and </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -1,14 +1,12 @@
 """A GGUF plan (PlanConfig.gguf): every block group chooses among llama.cpp's block types, exact bytes,
 GPTQ on the chosen grids, the file holds exactly the chosen types, the recipe replays to the same tensors."""
 
-import hashlib
-
 import pytest
 
 pytest.importorskip("scipy")
 pytest.importorskip("gguf")
 
-from tests.test_gguf_writer import bpe_tokenizer, tiny_llama  # noqa: E402
+from tests.test_gguf_writer import gguf_ready, tiny_llama  # noqa: E402
 
 from lmpress.data import DataConfig  # noqa: E402
 from lmpress.errors import InputError  # noqa: E402
@@ -19,13 +17,7 @@ from lmpress.planner.run import plan  # noqa: E402
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    from lmpress.formats import gguf as fg
-
-    tok = bpe_tokenizer()
-    h = hashlib.sha256(str(tok.encode(fg.CHECK_TEXT)).encode()).hexdigest()
-    monkeypatch.setitem(fg.PRE_BY_HASH, h, "default")
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. a model compressed is a model measured. " * 300)
+    tok, text = gguf_ready(tmp_path, monkeypatch)
     data = DataConfig(corpus=str(text), calib_samples=4, calib_len=64, eval_tokens=256)
     cfg = PlanConfig(holdout_rows=2, holdout_len=64, fisher_rows=1, kl_rows=1, kl_len=32, recipes=3, rounds=1,
                      gguf="Q4_K_M", gguf_types=("Q4_0", "Q4_K", "Q5_0", "Q6_K", "Q8_0"), cache_dir=str(tmp_path / "cache"))
