@@ -15,6 +15,7 @@ the float model; only the allocation differs. Sizes are block-linear bits per we
 
     flock /tmp/lmpress-heavy.lock python bench/plan.py             # writes the 'plan' section
     python bench/plan.py --calib 8 --targets 4.5 --no-write        # a quick look
+    python bench/plan.py --targets --no-q4km --gguf Q4_K_M         # GGUF: llama.cpp's rule vs a GGUF plan
 """
 
 from __future__ import annotations
@@ -118,18 +119,38 @@ def run(args) -> None:
         name = f"plan at the Q4_K_M rule's bits ({bits:.4f})"
         if res.wanted(name) and _time_left(args):
             res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, cfg, tmp / "pq", args.progress))
+    if args.gguf and _time_left(args):
+        gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args)
     if args.write:
         write_section("plan", report(res.rows, args))
 
 
+def gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args) -> None:
+    """llama.cpp's rule for the file type ``--gguf`` (GPTQ on its grids, as ``lmpress compress --format
+    gguf:TYPE``) and a GGUF plan at that rule's bits: same quantizer, only the per-tensor types differ."""
+    from dataclasses import replace
+
+    from lmpress import recipe as rc
+
+    rule = f"GGUF {args.gguf} rule"
+    if res.wanted(rule):
+        res.record(rule, gptq_row(model, tok, rc.make_config("gptq", gguf=args.gguf), calib, stream, data, args.progress))
+    bits = res.rows[rule]["bits"]
+    name = f"GGUF plan at the {args.gguf} rule's bits ({bits:.4f})"
+    if res.wanted(name) and _time_left(args):
+        res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, replace(cfg, gguf=args.gguf), tmp / "pg",
+                                  args.progress))
+
+
 def report(rows: dict, args) -> str:
-    plans = {k: v for k, v in rows.items() if k.startswith("plan")}
+    plans = {k: v for k, v in rows.items() if "estimators" in v}  # rows made by lmpress.plan
     if not plans:
         return "## Plan\n\n(no row measured yet)"
     first = next(iter(plans.values()))
     lines = ["## Plan: mixed allocation vs uniform and the Q4_K_M rule", "",
              f"`flock /tmp/lmpress-heavy.lock python bench/plan.py --calib {args.calib} --holdout {args.holdout} "
-             f"--recipes {args.recipes}`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
+             f"--recipes {args.recipes}" + "".join(f" --targets {' '.join(map(str, args.targets))}" for _ in [0] if getattr(args, "targets", None))
+             + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
              f"GPTQ (act-order, clip search, asymmetric) on {args.calib} x 512 calibration tokens for every row; KL, "
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
              f"(perplexity {first['original_ppl']:.3f}). Sensitivities: held-out calibration slice of {args.holdout} x 512 "
@@ -179,6 +200,10 @@ def _rows(rows: dict) -> list:
         if k.startswith("plan at the Q4") and "Q4_K_M rule" in rows:
             ref = None
             k = k + f" (KL / rule's: {v['kl'] / rows['Q4_K_M rule']['kl']:.2f}x)"
+        g = re.match(r"GGUF plan at the (\S+) rule's", k)
+        if g and f"GGUF {g.group(1)} rule" in rows:
+            ref = None
+            k = k + f" (KL / rule's: {v['kl'] / rows[f'GGUF {g.group(1)} rule']['kl']:.2f}x)"
         out.append([k, f"{v['bits']:.4f}", f"{v['kl']:.5f}", f"{v['perplexity']:.3f}", f"{v['top1']:.4f}",
                     "-" if ref is None else f"{ref:.2f}x"])
     return out
@@ -189,8 +214,10 @@ def main():
     ap.add_argument("--calib", type=int, default=32, help="GPTQ calibration rows of 512 tokens (default 32)")
     ap.add_argument("--holdout", type=int, default=4, help="held-out rows of 512 tokens (default 4)")
     ap.add_argument("--recipes", type=int, default=12, help="random mixed recipes measured (default 12)")
-    ap.add_argument("--targets", type=float, nargs="+", default=[4.5, 3.5])
+    ap.add_argument("--targets", type=float, nargs="*", default=[4.5, 3.5])
     ap.add_argument("--no-q4km", dest="q4km", action="store_false")
+    ap.add_argument("--gguf", default=None, metavar="TYPE",
+                    help="also llama.cpp's rule for this file type (e.g. Q4_K_M) against a GGUF plan at its bits")
     ap.add_argument("--json", default=str(Path.home() / ".cache" / "lmpress" / "bench" / "plan.json"), help="finished rows (resume)")
     ap.add_argument("--cache", default=None, help="sensitivity cache folder (default ~/.cache/lmpress/plan)")
     ap.add_argument("--fresh", action="store_true")
