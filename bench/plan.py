@@ -149,7 +149,7 @@ def report(rows: dict, args) -> str:
     first = next(iter(plans.values()))
     lines = ["## Plan: mixed allocation vs uniform and the Q4_K_M rule", "",
              f"`flock /tmp/lmpress-heavy.lock python bench/plan.py --calib {args.calib} --holdout {args.holdout} "
-             f"--recipes {args.recipes}" + "".join(f" --targets {' '.join(map(str, args.targets))}" for _ in [0] if getattr(args, "targets", None))
+             f"--recipes {args.recipes}" + (f" --targets {' '.join(map(str, args.targets))}" if getattr(args, "targets", None) else "")
              + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
              f"GPTQ (act-order, clip search, asymmetric) on {args.calib} x 512 calibration tokens for every row; KL, "
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
