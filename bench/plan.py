@@ -184,6 +184,12 @@ def report(rows: dict, args) -> str:
               f"{min(gptq):.0f} s" + (f" (plan / GPTQ = {first['plan_seconds'] / min(gptq):.1f}x)" if gptq else "")
               + (f"; re-plan for a new target from the cached sensitivities {max(cached):.1f} s (at most) before its "
                  "confirmation, which compresses with GPTQ again" if cached else "") + ".", ""]
+    for k, v in list(plans.items())[1:]:
+        if not v["cached"]:  # a plan over other candidates (GGUF types) measured its own sensitivities
+            m = v["measure_seconds"]
+            lines += [f"- {k}: {v['plan_seconds']:.0f} s before confirmation (fisher {m.get('fisher', 0):.0f} s, kl estimator "
+                      f"{m.get('kl', 0):.0f} s, measured recipes {m.get('recipes', 0):.0f} s); estimator used: {v['estimator']} "
+                      "(Spearman " + ", ".join(f"{e} {q['spearman']:.3f}" for e, q in v["estimators"].items()) + ")."]
     return "\n".join(lines)
 
 
