@@ -73,8 +73,9 @@ def read_bandwidth(repeats: int) -> float:
 
 
 def without_bench_on_path() -> None:
-    """Drop bench/ from sys.path: its kernels.py would shadow the ``kernels`` package that
-    transformers looks for (and fails to import from) when it loads a model."""
+    """Drop bench/ from sys.path: a bench script named like a package would shadow it (``gguf.py`` the
+    ``gguf`` package that lmpress's GGUF code imports; a ``kernels.py`` once shadowed the ``kernels``
+    package that transformers looks for)."""
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 

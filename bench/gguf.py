@@ -300,6 +300,11 @@ def kl_checks(rows: dict) -> str:
         if not ref or "kl" not in ref or not ours:
             continue
         best = min(ours, key=lambda m: ours[m]["kl"])
+        if ref["kl"] <= 0:  # Q4_1: llama.cpp re-encodes the published Q4_1 weights exactly; no ratio to take
+            out.append(f"- {gtype}: llama.cpp + imatrix's KL is 0 (the model was published in this type, so its file holds "
+                       f"the published weights exactly); best lmpress ({LABEL[best]}) KL {ours[best]['kl']:.4f}: judge no "
+                       "method by this type")
+            continue
         out.append(f"- {gtype}: best lmpress ({LABEL[best]}) KL {ours[best]['kl']:.4f} = {ours[best]['kl'] / ref['kl']:.2f}x "
                    f"llama.cpp + imatrix's {ref['kl']:.4f} (target at most 0.70x); file {ours[best]['file_bytes']:,} vs "
                    f"{ref['file_bytes']:,} bytes")

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Results, environment, md_table, provenance, write_section  # noqa: E402
+from common import Results, environment, md_table, provenance, without_bench_on_path, write_section  # noqa: E402
+
+without_bench_on_path()  # bench/gguf.py would shadow the gguf package that GGUF plans use
 
 
 def q4km_overrides(n_layers: int) -> tuple:
