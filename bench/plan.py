@@ -139,9 +139,12 @@ def gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args) -> None:
         res.record(rule, gptq_row(model, tok, rc.make_config("gptq", gguf=args.gguf), calib, stream, data, args.progress))
     bits = res.rows[rule]["bits"]
     name = f"GGUF plan at the {args.gguf} rule's bits ({bits:.4f})"
+    gcfg = replace(cfg, gguf=args.gguf)
+    if args.gguf_exclude:  # e.g. the types that hold a model's published grid exactly (Q4_1, Q5_1 here)
+        gcfg = replace(gcfg, gguf_types=tuple(t for t in gcfg.gguf_types if t not in args.gguf_exclude))
+        name += f", without {' and '.join(args.gguf_exclude)}"
     if res.wanted(name) and _time_left(args):
-        res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, replace(cfg, gguf=args.gguf), tmp / "pg",
-                                  args.progress))
+        res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, gcfg, tmp / "pg", args.progress))
 
 
 def report(rows: dict, args) -> str:
@@ -163,7 +166,10 @@ def report(rows: dict, args) -> str:
               "Caveat: the default model's weights were published as Q4_1 (4 bits, groups of 32, scale and minimum), so "
               "asymmetric w4g32 (5.0 stored bits per weight here: fp16 scale and zero per 32 weights) reproduces them "
               "exactly. An allocation free to mix w4g32 in gets a lossless option that ordinary weights do not offer; "
-              "the uniform and rule rows above do not use it. Choices of the plan, by setting: see the per-row counts below.", ""]
+              "the uniform and rule rows above do not use it. In a GGUF file the same holds for Q4_1 (llama.cpp's own "
+              "Q4_1 file of this model has KL 0) and nearly for Q5_1, which hold the published grid: a GGUF plan free to "
+              "choose them finds that grid, so the fair GGUF plan row leaves them out (`--gguf-exclude Q4_1,Q5_1`), as "
+              "llama.cpp's Q4_K_M rule does. Choices of the plan, by setting: see the per-row counts below.", ""]
     for k, v in rows.items():
         if "choice" in v:
             from collections import Counter
@@ -226,6 +232,8 @@ def main():
     ap.add_argument("--no-q4km", dest="q4km", action="store_false")
     ap.add_argument("--gguf", default=None, metavar="TYPE",
                     help="also llama.cpp's rule for this file type (e.g. Q4_K_M) against a GGUF plan at its bits")
+    ap.add_argument("--gguf-exclude", type=lambda t: tuple(t.split(",")), default=(), metavar="T1,T2",
+                    help="block types the GGUF plan may not choose (the row's name says so)")
     ap.add_argument("--json", default=str(Path.home() / ".cache" / "lmpress" / "bench" / "plan.json"), help="finished rows (resume)")
     ap.add_argument("--cache", default=None, help="sensitivity cache folder (default ~/.cache/lmpress/plan)")
     ap.add_argument("--fresh", action="store_true")
