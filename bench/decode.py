@@ -201,6 +201,7 @@ def main():
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--json", help="also write the raw figures here")
     ap.add_argument("--write", action="store_true", help="write the 'decode' section of BENCHMARKS.md")
+    ap.add_argument("--note", default="", help="a sentence about the run's conditions (what else ran)")
     args = ap.parse_args()
 
     def report(res, prompts):
@@ -223,8 +224,8 @@ def section(res: dict, args, tables: str) -> str:
             f"{args.new_tokens} new tokens, batch 1, {args.threads} threads; llama.cpp files from `llama-quantize` (F32 "
             f"from the published Q4_1 file, the others from F32, no imatrix), timed by `llama-bench`. Read bandwidth "
             f"{res['bandwidth'] / 1e9:.1f} GB/s (measured in the run). Load average {l0[0]:.1f} before and {l1[0]:.1f} "
-            f"after the run ({res['seconds'] / 60:.0f} min): other helpers' jobs shared the 2 cores outside the heavy "
-            f"lock, so figures are noisy; ratios come from one interleaved run.\n\n{tables}\n")
+            f"after the run ({res['seconds'] / 60:.0f} min); ratios come from one interleaved run."
+            + (f" {args.note}" if args.note else "") + f"\n\n{tables}\n")
 
 
 def kernel_name() -> str:
