@@ -20,7 +20,7 @@ def setup(tmp_path, monkeypatch):
     tok, text = gguf_ready(tmp_path, monkeypatch)
     data = DataConfig(corpus=str(text), calib_samples=4, calib_len=64, eval_tokens=256)
     cfg = PlanConfig(holdout_rows=2, holdout_len=64, fisher_rows=1, kl_rows=1, kl_len=32, recipes=3, rounds=1,
-                     gguf="Q4_K_M", gguf_types=("Q4_0", "Q4_K", "Q5_0", "Q6_K", "Q8_0"), cache_dir=str(tmp_path / "cache"))
+                     gguf="Q4_K_M", gguf_types=("Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q6_K", "Q8_0"), cache_dir=str(tmp_path / "cache"))
     return tiny_llama(hidden=256, inter=512), tok, data, cfg
 
 
@@ -76,6 +76,15 @@ def test_gguf_plan_writes_the_chosen_types_and_replays(setup, tmp_path):
     a = {t.name: bytes(t.data.tobytes()) for t in GGUFReader(str(gguf_file)).tensors}
     b = {t.name: bytes(t.data.tobytes()) for t in GGUFReader(str(replay)).tensors}
     assert a == b
+
+
+def test_report_reads_every_label():
+    from lmpress.planner.report import heatmap, label_bits
+
+    assert [label_bits(x) for x in ("float", "w4g64", "w8pc", "IQ4_NL", "Q6_K", "Q2_K")] == ["float", 4, 8, 4, 6, 2]
+    groups = [{"name": f"b{i}", "kind": "o", "block": i} for i in range(3)]
+    svg = heatmap(groups, {"b0": "IQ4_NL", "b1": "Q5_K", "b2": "w4g64"})
+    assert ">IQ4_NL<" in svg and ">Q5_K<" in svg and ">4g64<" in svg
 
 
 def test_gguf_plan_config_is_checked():

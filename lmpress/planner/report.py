@@ -102,6 +102,17 @@ def scatter(series: list[dict], xlabel: str, ylabel: str, w: int = 640, h: int =
     return "\n".join(o + ["</svg>"])
 
 
+def label_bits(label: str):
+    """The code width of a candidate's label (``w4g64`` -> 4, a ggml type ``IQ4_NL`` -> 4), or "float"."""
+    if label == "float":
+        return "float"
+    if label.startswith("w"):
+        return int(label[1])
+    from ..quant import ggml
+
+    return ggml.block_type(label).bits
+
+
 def heatmap(groups: list[dict], choice: dict[str, str]) -> str:
     """Rows: group kinds; columns: blocks; each cell the chosen setting, coloured by bits."""
     kinds = list(dict.fromkeys(g["kind"] for g in groups if g["block"] is not None))
@@ -117,12 +128,12 @@ def heatmap(groups: list[dict], choice: dict[str, str]) -> str:
         if g["block"] is None:
             continue
         lab = choice[g["name"]]
-        bits = "float" if lab == "float" else int(lab[1])
+        bits = label_bits(lab)
         x, y = 90 + cw * g["block"], 40 + ch * kinds.index(g["kind"])
         o.append(f"<rect x='{x}' y='{y}' width='{cw - 1}' height='{ch - 1}' fill='{COLORS.get(bits, '#888')}'>"
                  f"<title>{g['name']}: {lab}</title></rect>")
         o.append(f"<text x='{x + cw / 2}' y='{y + 14}' text-anchor='middle' fill='{'#fff' if bits in ('float', 2, 8) else '#000'}'>"
-                 f"{lab[1:] if lab != 'float' else 'f'}</text>")
+                 f"{lab[1:] if lab.startswith('w') else 'f' if lab == 'float' else lab}</text>")
     o.append(f"<text x='90' y='{h - 10}' font-size='11'>cell: bits + group size (g32, g64, pc = per channel); f = float; "
              f"head: {choice.get(next((g['name'] for g in groups if g['block'] is None), ''), 'n/a')}</text>")
     return "\n".join(o + ["</svg>"])
