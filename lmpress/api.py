@@ -77,7 +77,7 @@ def open_model(spec=None, *, data: DataConfig | None = None, max_memory: int | N
         path, skel = found
         go, _ = st.decide(skel, data or DataConfig(), max_memory, evaluation=True)
         if stream or go:
-            model = st.StreamedModel(path, trust_remote_code)
+            model = st.StreamedModel(path, trust_remote_code, shaped=skel)
             model.skeleton.lmpress_stored_dtypes = _stored_dtypes(path, model.skeleton)
             return model, _load_tokenizer(path, config=skel.config, trust_remote_code=trust_remote_code)
     return load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

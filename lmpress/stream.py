@@ -128,6 +128,7 @@ class PackedShards(Shards):
         (reading only scales, shapes and g_idx), so sizes and bits per weight count as in memory."""
         from .formats import compressed_tensors as ct
 
+        ct.check_untied_head(model, self.packed, self.folder)
         for name in self.packed:
             module = model.get_submodule(name)
             layer = {k.rsplit(".", 1)[1]: v for k, v in self._layer(name, ("weight_scale", "weight_shape", "weight_g_idx")).items()}
@@ -698,15 +699,19 @@ class StreamedModel:
 
     streamed = True
 
-    def __init__(self, folder: Path, trust_remote_code: bool = False):
+    def __init__(self, folder: Path, trust_remote_code: bool = False, shaped: nn.Module | None = None):
+        """``shaped``: the folder's skeleton with its packed layers shaped already (:meth:`PackedShards.shape_layers`),
+        as the caller that chose streaming made it (their scales are not read twice)."""
         self.folder, self.trust_remote_code = Path(folder), trust_remote_code
-        self.skeleton = skeleton(self.folder, trust_remote_code)
+        self.shards = open_shards(self.folder)
+        self.skeleton = shaped
+        if shaped is None:
+            self.skeleton = skeleton(self.folder, trust_remote_code)
+            if isinstance(self.shards, PackedShards):
+                self.shards.shape_layers(self.skeleton)
         if getattr(self.skeleton.config, "tie_word_embeddings", False):
             self.skeleton.tie_weights()  # counted once, as a loaded model holds it
         self.config = self.skeleton.config
-        self.shards = open_shards(self.folder)
-        if isinstance(self.shards, PackedShards):
-            self.shards.shape_layers(self.skeleton)
 
     def get_output_embeddings(self):
         return self.skeleton.get_output_embeddings()

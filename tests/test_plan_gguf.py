@@ -42,7 +42,8 @@ def test_gguf_candidate_bytes_are_the_files(setup):
             assert c.gguf and c.label == c.gguf
             ws = [arch.linear_weight(model.get_submodule(n)).detach().float() for n in g.layers]
             assert b == sum(ggml.encode(ggml.quantize(w, c.gguf)).nbytes for w in ws), (g.name, c.gguf)
-        assert quant_bytes(*g.shapes[0], g.candidates[0], bias=False, float_size=4) > 0
+        (o, i), c = g.shapes[0], g.candidates[0]
+        assert quant_bytes(o, i, c, bias=True, float_size=4) == quant_bytes(o, i, c, bias=False, float_size=4) + 4 * o  # F32 bias
 
 
 def test_gguf_plan_writes_the_chosen_types_and_replays(setup, tmp_path):

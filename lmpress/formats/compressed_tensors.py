@@ -316,9 +316,7 @@ def read(path: Path, raw_config: dict) -> nn.Module:
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     packed = sorted(k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed"))
-    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    if head in packed and getattr(config, "tie_word_embeddings", False):
-        raise InputError(f"{path}: {head} is quantized but tied to the input embedding; set tie_word_embeddings: false")
+    check_untied_head(model, packed, path)
     kinds = Counter()
     for name in packed:
         module = model.get_submodule(name)
@@ -333,6 +331,13 @@ def read(path: Path, raw_config: dict) -> nn.Module:
     model.lmpress_load_note = "compressed-tensors: " + ", ".join(f"{n} layers as {k}" for k, n in sorted(kinds.items()))
     model.lmpress_recipe = raw_config.get("lmpress", {}).get("recipe", [])
     return model.eval()
+
+
+def check_untied_head(model: nn.Module, packed: list[str], path: Path) -> None:
+    """A packed output head must not be tied to the (float) input embedding."""
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    if head in packed and getattr(model.config, "tie_word_embeddings", False):
+        raise InputError(f"{path}: {head} is quantized but tied to the input embedding; set tie_word_embeddings: false")
 
 
 def _check_config(qc: dict, path: Path) -> tuple[list[dict], list[str]]:
@@ -407,16 +412,22 @@ def empty_layer(layer: dict[str, Tensor], args: dict, module: nn.Module) -> nn.M
     if _why_float(layer, args, module):
         return None
     out, cols = (int(d) for d in layer["weight_shape"])
-    groups = layer["weight_scale"].reshape(out if layer["weight_scale"].numel() >= out else 1, -1).shape[1]
+    groups = _scales(layer).shape[1]
     return QuantLinear.empty({"in_features": cols, "out_features": out, "bits": args["num_bits"],
                               "group_size": cols // groups, "bias": getattr(module, "bias", None) is not None})
+
+
+def _scales(layer: dict[str, Tensor]) -> Tensor:
+    """The stored scales as (out, G), or (1, G) for one scale per tensor."""
+    out = int(layer["weight_shape"][0])
+    return layer["weight_scale"].reshape(out if layer["weight_scale"].numel() >= out else 1, -1)
 
 
 def scales_zeros(layer: dict[str, Tensor], args: dict) -> tuple[Tensor, Tensor]:
     """Scales s and unsigned zeros z (out, G) of one packed layer."""
     bits = args["num_bits"]
     out = int(layer["weight_shape"][0])
-    s = layer["weight_scale"].reshape(out if layer["weight_scale"].numel() >= out else 1, -1).expand(out, -1)
+    s = _scales(layer).expand(out, -1)
     zp = layer.get("weight_zero_point")
     if args.get("symmetric", True) or zp is None:
         z = torch.full(s.shape, 2 ** (bits - 1), dtype=torch.int64)
@@ -481,21 +492,18 @@ def _layer(layer: dict[str, Tensor], args: dict, bias: Tensor | None) -> QuantLi
     from ..quant.grid import GridSpec
 
     bits = args["num_bits"]
-    out, cols = (int(d) for d in layer["weight_shape"])
+    shape = tuple(int(d) for d in layer["weight_shape"])
     s, z = scales_zeros(layer, args)
-    raw = packed_bytes(layer["weight_packed"], bits, cols)
-    ternary = bits == 2 and bool((z == 1).all()) and int(unpack_words(layer["weight_packed"], bits, cols).max()) <= 2
-    if raw is None or tuple(raw.shape) != pack.packed_shape((out, cols), bits):
-        spec = GridSpec(bits, cols // s.shape[1], ternary=ternary)
-        q = unpack_words(layer["weight_packed"], bits, cols)
-        return QuantLinear.from_codes(q.to(torch.uint8), s.float(), z.float(), spec, bias=None if bias is None else bias.float())
-    m = QuantLinear(cols, out, bits, cols // s.shape[1], bias is not None, ternary)
-    m.qweight.copy_(raw)
-    m.scales.copy_(s.to(torch.float16))
-    m.zeros.copy_(z.to(torch.float16))
-    if bias is not None:
-        m.bias.data.copy_(bias.detach().float())
-    return m
+    raw = packed_bytes(layer["weight_packed"], bits, shape[1])
+    q = None
+    if raw is None or tuple(raw.shape) != pack.packed_shape(shape, bits) or (bits == 2 and bool((z == 1).all())):
+        q = unpack_words(layer["weight_packed"], bits, shape[1])  # also what tells a ternary layer
+    ternary = q is not None and bits == 2 and bool((z == 1).all()) and int(q.max()) <= 2
+    spec = GridSpec(bits, shape[1] // s.shape[1], ternary=ternary)
+    bias = None if bias is None else bias.float()
+    if q is not None:
+        return QuantLinear.from_codes(q.to(torch.uint8), s.float(), z.float(), spec, bias=bias)
+    return QuantLinear.from_packed(raw, shape, s.float(), z.float(), spec, bias=bias)
 
 
 def _load_rest(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:

@@ -75,7 +75,9 @@ def quant_bytes(out: int, cols: int, cand: Candidate, *, bias: bool, float_size:
     if cand.bits is None:
         return out * cols * float_size + (out * float_size if bias else 0)
     if cand.gguf:  # ggml blocks: type_size bytes per block of weights (the file's F32 bias besides)
-        return out * ggml_row_bytes(cand.gguf, cols) + b
+        from ..quant.ggml import row_bytes
+
+        return out * row_bytes(cand.gguf, cols) + b
     g = cols if cand.group_size == -1 else cand.group_size
     return out * cols * cand.bits // 8 + 2 * 2 * out * (cols // g) + b
 
@@ -88,19 +90,11 @@ def grid_candidates(bits=BITS, group_sizes=(32, 64, -1)) -> tuple[Candidate, ...
 GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 
-def ggml_row_bytes(gtype: str, cols: int) -> int:
-    """Bytes of one row of ``cols`` weights in ggml type ``gtype`` (its block must divide ``cols``)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[gtype]]
-    return cols // block * size
-
-
 def gguf_candidates(types=GGUF_TYPES) -> tuple[Candidate, ...]:
     """One candidate per ggml block type (code width, block), for a GGUF plan."""
     from ..quant import ggml
 
-    return tuple(Candidate(ggml.block_type(t).bits, ggml.block_type(t).block, t) for t in types)
+    return tuple(Candidate(bt.bits, bt.block, bt.name) for bt in map(ggml.block_type, types))
 
 
 def _fits(cand: Candidate, shapes) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..quant.grid import BITS
+from .candidates import GGUF_TYPES
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class PlanConfig:
     seed: int = 0
     cache_dir: str | None = None
     gguf: str | None = None
-    gguf_types: tuple = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+    gguf_types: tuple = GGUF_TYPES
 
     def __post_init__(self):
         object.__setattr__(self, "bits", tuple(self.bits))

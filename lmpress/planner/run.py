@@ -100,33 +100,30 @@ def sample_recipes(groups: list[Group], n: int, seed: int, rule: tuple | None = 
     return out + ([{"name": name, "layers": layers}] if layers else [])
 
 
-def gguf_rule(model, groups: list[Group], ftype: str) -> tuple[str, dict]:
+def gguf_rule(groups: list[Group], types: dict[str, str], ftype: str) -> tuple[str, dict]:
     """llama.cpp's own rule for the file type ``ftype`` on the plan's groups: ``(name, {layer: (bits,
-    block, type)})``, the types llama-quantize gives each block linear (with an importance matrix)."""
-    from ..quant import ggml, gguf_mix
+    block, type)})`` from ``types`` (:func:`lmpress.quant.gguf_mix.plan`: parameter name -> ggml type)."""
+    from ..quant import ggml
 
-    types = gguf_mix.plan(model, ftype, imatrix=True)
-    return f"{ftype} rule", {n: (ggml.block_type(types[f"{n}.weight"]).bits, ggml.block_type(types[f"{n}.weight"]).block,
-                                 types[f"{n}.weight"]) for g in groups if g.block is not None for n in g.layers}
+    def fields(t):
+        return ggml.block_type(t).bits, ggml.block_type(t).block, t
+
+    return f"{ftype} rule", {n: fields(types[f"{n}.weight"]) for g in groups if g.block is not None for n in g.layers}
 
 
-def gguf_fixed_bytes(model, groups: list[Group], ftype: str) -> int:
-    """Bytes of a GGUF plan's file outside the groups: every other matrix in the type the file type's
-    rule gives it (the token embedding, an untied head), everything else (norms) in F32; a tied head
-    is not stored."""
-    from ..quant import gguf_mix
-    from .candidates import ggml_row_bytes
+def gguf_fixed_bytes(model, groups: list[Group], types: dict[str, str]) -> int:
+    """Bytes of a GGUF plan's file outside the groups: every other matrix in its type in ``types`` (the
+    file type's rule: the token embedding, an untied head; a tied head is not stored), everything else
+    (norms) in F32."""
+    from ..quant.ggml import row_bytes
 
-    types = gguf_mix.plan(model, ftype, imatrix=True)  # every stored matrix; a tied head has none
     inside = {f"{n}.{k}" for g in groups for n in g.layers for k in ("weight", "bias")}
     total = 0
     for name, t in model.state_dict().items():
         if name in inside:
             continue
         if name in types:
-            kind = types[name]
-            total += t.shape[0] * (t.shape[1] * {"F16": 2, "F32": 4}[kind] if kind in ("F16", "F32")
-                                   else ggml_row_bytes(kind, t.shape[1]))
+            total += t.shape[0] * row_bytes(types[name], t.shape[1])
         elif t.dim() == 1:  # norms (and biases outside the groups) are F32
             total += t.numel() * 4
     return total
@@ -310,6 +307,7 @@ def plan_groups(model, cfg: PlanConfig) -> tuple[list[Group], int, tuple | None]
     beside (None: llama.cpp's Q4_K_M rule on lmpress's grid): lmpress's grid settings and float, or for
     a GGUF plan llama.cpp's block types (no float; the head is not a group: the file type's rule types it)."""
     if cfg.gguf:
+        from ..quant import gguf_mix
         from .candidates import gguf_candidates
 
         groups = layer_groups(model, gguf_candidates(cfg.gguf_types), head_bits=(), keep_float=False)
@@ -317,7 +315,8 @@ def plan_groups(model, cfg: PlanConfig) -> tuple[list[Group], int, tuple | None]
         if empty:
             raise InputError(f"no type of gguf_types {list(cfg.gguf_types)} has a block that divides the rows of "
                              f"{empty[0]}; add Q8_0 or Q4_0 (blocks of 32)")
-        return groups, gguf_fixed_bytes(model, groups, cfg.gguf), gguf_rule(model, groups, cfg.gguf)
+        types = gguf_mix.plan(model, cfg.gguf, imatrix=True)  # every stored matrix's type by the file type's rule
+        return groups, gguf_fixed_bytes(model, groups, types), gguf_rule(groups, types, cfg.gguf)
     groups = layer_groups(model, grid_candidates(cfg.bits, cfg.group_sizes), cfg.head_bits)
     return groups, fixed_bytes(model, groups), None
 

@@ -93,6 +93,15 @@ def block_type(name: str) -> BlockType:
     return TYPES[name]
 
 
+def row_bytes(gtype: str, cols: int) -> int:
+    """Bytes of one row of ``cols`` weights stored as ggml type ``gtype`` (a block type, F16 or F32; its
+    block must divide ``cols``)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[gtype]]
+    return cols // block * size
+
+
 def fallback_type(name: str, cols: int) -> str:
     """The type llama.cpp's quantizer stores a tensor of row length ``cols`` in when ``name`` was asked:
     ``name`` itself if its block divides ``cols``, else its fallback, else ``F16``."""

@@ -32,9 +32,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(cls, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: GridSpec, bias=None) -> "QuantLinear":
         """Build from codes q (out, in), scales and zeros (out, G)."""
-        out_f, in_f = q.shape
+        return cls.from_packed(pack.pack(q, spec.bits), tuple(q.shape), s, z, spec, bias)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, shape: tuple[int, int], s: torch.Tensor, z: torch.Tensor, spec: GridSpec,
+                    bias=None) -> "QuantLinear":
+        """Build from codes already packed (:func:`pack.pack`'s bytes) of a weight of ``shape`` (out, in)."""
+        out_f, in_f = shape
         m = cls(in_f, out_f, spec.bits, in_f // s.shape[1], bias is not None, spec.ternary)
-        m.qweight.copy_(pack.pack(q, spec.bits))
+        m.qweight.copy_(packed)
         m.scales.copy_(s.to(torch.float16))
         m.zeros.copy_(z.to(torch.float16))
         if bias is not None:
