@@ -84,6 +84,7 @@ def test_kl_budgets_are_met_after_confirmation_and_replans_use_the_cache(setup):
     for i, b in enumerate(("kl=0.0005", "ppl=+1%")):
         res = _plan(setup, f"kl{i + 2}", budget=b)
         assert res["seconds"]["cached"]  # measured sensitivities reused
+        assert res["original"]["cached"] and res["original"]["nll"] == first["original"]["nll"]  # and the original's figures
         last = res["rounds"][-1]
         assert res["met"]
         if b.startswith("kl"):
