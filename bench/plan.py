@@ -26,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -104,6 +105,9 @@ def run(args) -> None:
             break
         if res.wanted(name):
             res.record(name, plan_row(model, tok, f"bits={t}", data, cfg, tmp / f"p{t}", args.progress))
+        if args.fisher and res.wanted(f"{name}, fisher estimator") and _time_left(args):
+            res.record(f"{name}, fisher estimator", plan_row(model, tok, f"bits={t}", data, replace(cfg, estimator="fisher"),
+                                                             tmp / f"f{t}", args.progress))
         uni = [u for u in res.rows[name]["uniform"] if u["bits"] <= t + 1e-9]
         best = min(uni, key=lambda u: u["kl"])
         label = best["name"].split()[1]
@@ -130,8 +134,6 @@ def run(args) -> None:
 def gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args) -> None:
     """llama.cpp's rule for the file type ``--gguf`` (GPTQ on its grids, as ``lmpress compress --format
     gguf:TYPE``) and a GGUF plan at that rule's bits: same quantizer, only the per-tensor types differ."""
-    from dataclasses import replace
-
     from lmpress import recipe as rc
 
     rule = f"GGUF {args.gguf} rule"
@@ -155,7 +157,8 @@ def report(rows: dict, args) -> str:
     lines = ["## Plan: mixed allocation vs uniform and the Q4_K_M rule", "",
              f"`flock /tmp/lmpress-heavy.lock python bench/plan.py --calib {args.calib} --holdout {args.holdout} "
              f"--recipes {args.recipes}" + (f" --targets {' '.join(map(str, args.targets))}" if getattr(args, "targets", None) else "")
-             + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
+             + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "")
+             + (" --fisher" if getattr(args, "fisher", False) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
              f"GPTQ (act-order, clip search, asymmetric) on {args.calib} x 512 calibration tokens for every row; KL, "
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
              f"(perplexity {first['original_ppl']:.3f}). Sensitivities: held-out calibration slice of {args.holdout} x 512 "
@@ -192,6 +195,12 @@ def report(rows: dict, args) -> str:
               f"{min(gptq):.0f} s" + (f" (plan / GPTQ = {first['plan_seconds'] / min(gptq):.1f}x)" if gptq else "")
               + (f"; re-plan for a new target from the cached sensitivities {max(cached):.1f} s (at most) before its "
                  "confirmation, which compresses with GPTQ again" if cached else "") + ".", ""]
+    if any(k.endswith("fisher estimator") for k in rows):  # its first plan would measure only these parts
+        alone = ms.get("fisher", 0) + ms.get("recipes", 0)
+        lines += [f"A first plan with the fisher estimator alone measures the fisher scores and the recipes only: "
+                  f"{ms.get('fisher', 0):.0f} + {ms.get('recipes', 0):.0f} = {alone:.0f} s of the times above "
+                  f"(plan / GPTQ = {alone / min(gptq):.1f}x); its rows ('fisher estimator') were planned from the same "
+                  "cache.", ""]
     for k, v in list(plans.items())[1:]:
         if not v["cached"]:  # a plan over other candidates (GGUF types) measured its own sensitivities
             m = v["measure_seconds"]
@@ -230,6 +239,8 @@ def main():
     ap.add_argument("--recipes", type=int, default=12, help="random mixed recipes measured (default 12)")
     ap.add_argument("--targets", type=float, nargs="*", default=[4.5, 3.5])
     ap.add_argument("--no-q4km", dest="q4km", action="store_false")
+    ap.add_argument("--fisher", action="store_true",
+                    help="also each target's plan with the fisher estimator alone (the cheap one), from the same cache")
     ap.add_argument("--gguf", default=None, metavar="TYPE",
                     help="also llama.cpp's rule for this file type (e.g. Q4_K_M) against a GGUF plan at its bits")
     ap.add_argument("--gguf-exclude", type=lambda t: tuple(t.split(",")), default=(), metavar="T1,T2",

@@ -104,6 +104,17 @@ def test_estimators_are_ranked_against_measured_recipes(setup):
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
 
 
+def test_a_chosen_estimator_is_used_even_when_the_cache_holds_both(setup):
+    from dataclasses import replace
+
+    tmp, src, data, cfg = setup
+    model, tok = load_model(src)
+    res = plan(model, tokenizer=tok, data=data, config=replace(cfg, estimator="fisher"), target="bits=4.5",
+               progress=False, context=32)
+    assert res["seconds"]["cached"] and set(res["estimators"]) == {"fisher", "kl"}
+    assert res["estimator"] == "fisher" and res["met"]
+
+
 @pytest.mark.parametrize("text", ["kl=-1", "kl=0", "ppl=5", "kl=abc", "acc=1", "kl=+0.1%"])
 def test_bad_budgets_are_input_errors(text):
     with pytest.raises(InputError, match="bad budget"):

@@ -389,7 +389,7 @@ def plan(model=None, *, budget=None, target=None, tokenizer=None, out=None, data
     cache = Cache(cfg, cache_key(model, holdout, groups, cfg))
     measured = measure(model, groups, holdout, cfg, cache, progress, rule)
     quality = assess(groups, measured)
-    est = quality["use"]
+    est = quality["use"] if cfg.estimator == "auto" else cfg.estimator  # a cache may hold both
     pred = predicted_kl(groups, measured, est, quality["estimators"][est]["scale"])
     calib, stream = prepare(tokenizer, data)
     base = original_figures(model, tokenizer, stream, context, cache)
