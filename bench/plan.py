@@ -49,12 +49,15 @@ def gptq_row(model, tok, recipe, calib, stream, data, progress) -> dict:
     from lmpress.api import evaluate
 
     student = copy.deepcopy(model)
+    steps = recipe if isinstance(recipe, list) else [recipe]
     t0 = time.perf_counter()
-    rc.apply(student, recipe, rc.RunContext(calib=calib, tokenizer=tok, data=data, progress=progress))
+    for step in steps:
+        rc.apply(student, step, rc.RunContext(calib=calib, tokenizer=tok, data=data, progress=progress))
     sec = time.perf_counter() - t0
     f = evaluate(student, tok, stream=stream, reference=model, measure_speed=False, progress=False)
     return {"kl": f["kl"], "perplexity": f["perplexity"], "top1": f["top1"], "bits": f["linear_bits_per_weight"],
-            "seconds": sec, "recipe": rc.to_dict(recipe)}
+            "params_linear": f["params_linear"], "seconds": sec,
+            "recipe": [rc.to_dict(c) for c in steps] if isinstance(recipe, list) else rc.to_dict(recipe)}
 
 
 def plan_row(model, tok, target, data, cfg, out, progress) -> dict:
@@ -125,10 +128,32 @@ def run(args) -> None:
         name = f"plan at the Q4_K_M rule's bits ({bits:.4f})"
         if res.wanted(name) and _time_left(args):
             res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, cfg, tmp / "pq", args.progress))
+    for k in args.depth:
+        if _time_left(args):
+            depth_rows(res, model, tok, k, calib, stream, data, cfg, tmp, args)
     if args.gguf and _time_left(args):
         gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args)
     if args.write:
         write_section("plan", report(res.rows, args))
+
+
+def depth_rows(res, model, tok, k, calib, stream, data, cfg, tmp, args) -> None:
+    """Two families against one: ``k`` blocks cut (block influence, ShortGPT's cosine) then GPTQ W4 g64,
+    and a quantization-only plan at the same bytes (bits per weight of the original block linears)."""
+    from lmpress import recipe as rc
+    from lmpress.counts import param_counts
+
+    name = f"depth-{k} + w4g64"
+    if res.wanted(name):
+        steps = [rc.make_config("prune-depth", drop_layers=k), rc.make_config("gptq", bits=4, group_size=64)]
+        row = gptq_row(model, tok, steps, calib, stream, data, args.progress)
+        whole = param_counts(model).linear  # the original's block-linear weights (the cut blocks count at 0 bits)
+        row.update(bits_kept=row["bits"], bits=row["bits"] * row["params_linear"] / whole)  # over the original's weights
+        res.record(name, row)
+    bits = res.rows[name]["bits"]
+    name = f"plan at depth-{k} + w4g64's bits ({bits:.4f})"
+    if res.wanted(name) and _time_left(args):
+        res.record(name, plan_row(model, tok, f"bits={bits:.6f}", data, cfg, tmp / f"d{k}", args.progress))
 
 
 def gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args) -> None:
@@ -158,7 +183,8 @@ def report(rows: dict, args) -> str:
              f"`flock /tmp/lmpress-heavy.lock python bench/plan.py --calib {args.calib} --holdout {args.holdout} "
              f"--recipes {args.recipes}" + (f" --targets {' '.join(map(str, args.targets))}" if getattr(args, "targets", None) else "")
              + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "")
-             + (" --fisher" if getattr(args, "fisher", False) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
+             + (" --fisher" if getattr(args, "fisher", False) else "")
+             + (f" --depth {' '.join(map(str, args.depth))}" if getattr(args, "depth", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
              f"GPTQ (act-order, clip search, asymmetric) on {args.calib} x 512 calibration tokens for every row; KL, "
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
              f"(perplexity {first['original_ppl']:.3f}). Sensitivities: held-out calibration slice of {args.holdout} x 512 "
@@ -172,7 +198,11 @@ def report(rows: dict, args) -> str:
               "the uniform and rule rows above do not use it. In a GGUF file the same holds for Q4_1 (llama.cpp's own "
               "Q4_1 file of this model has KL 0) and nearly for Q5_1, which hold the published grid: a GGUF plan free to "
               "choose them finds that grid, so the fair GGUF plan row leaves them out (`--gguf-exclude Q4_1,Q5_1`), as "
-              "llama.cpp's Q4_K_M rule does. Choices of the plan, by setting: see the per-row counts below.", ""]
+              "llama.cpp's Q4_K_M rule does. Choices of the plan, by setting: see the per-row counts below."
+              + (" depth-K + w4g64: K blocks cut (ShortGPT's cosine block influence on the calibration rows), then "
+                 "GPTQ W4 g64 on the rest; its bits per weight are over the original model's block linears (a cut "
+                 "block stores nothing), so the plan beside it has the same bytes." if any(k.startswith("depth-") for k in rows)
+                 else ""), ""]
     for k, v in rows.items():
         if "choice" in v:
             from collections import Counter
@@ -223,6 +253,10 @@ def _rows(rows: dict) -> list:
         if k.startswith("plan at the Q4") and "Q4_K_M rule" in rows:
             ref = None
             k = k + f" (KL / rule's: {v['kl'] / rows['Q4_K_M rule']['kl']:.2f}x)"
+        d = re.match(r"plan at (depth-\d+ \+ w4g64)'s bits", k)
+        if d and d.group(1) in rows:
+            ref = None
+            k = k + f" (KL / {d.group(1)}'s: {v['kl'] / rows[d.group(1)]['kl']:.2f}x)"
         g = re.match(r"GGUF plan at the (\S+) rule's", k)
         if g and f"GGUF {g.group(1)} rule" in rows:
             ref = None
@@ -239,6 +273,8 @@ def main():
     ap.add_argument("--recipes", type=int, default=12, help="random mixed recipes measured (default 12)")
     ap.add_argument("--targets", type=float, nargs="*", default=[4.5, 3.5])
     ap.add_argument("--no-q4km", dest="q4km", action="store_false")
+    ap.add_argument("--depth", type=int, nargs="*", default=[],
+                    help="blocks cut before GPTQ W4 g64 (two families), each against a quantization-only plan at its bytes")
     ap.add_argument("--fisher", action="store_true",
                     help="also each target's plan with the fisher estimator alone (the cheap one), from the same cache")
     ap.add_argument("--gguf", default=None, metavar="TYPE",
