@@ -82,8 +82,12 @@ def _time_left(args, minutes: float = 0) -> bool:
         return True
     import datetime
 
-    now = datetime.datetime.now() + datetime.timedelta(minutes=minutes)
-    return now.strftime("%H:%M") < args.stop_at
+    now = datetime.datetime.now()
+    if not hasattr(args, "_stop"):  # the next HH:MM after the run started (past midnight too)
+        h, m = map(int, args.stop_at.split(":"))
+        stop = now.replace(hour=h, minute=m, second=0, microsecond=0)
+        args._stop = stop if stop > now else stop + datetime.timedelta(days=1)
+    return now + datetime.timedelta(minutes=minutes) < args._stop
 
 
 def run(args) -> None:
