@@ -237,7 +237,7 @@ HEADER = """## GGUF: llama.cpp's own quantizer vs lmpress's solvers, in the same
 
 Commands as run (into one cache, listed below the tables); the full set is `python bench/gguf.py` (default model,
 every type, 128 x 512 calibration tokens), then `python bench/gguf.py --model qwen2.5-coder-0.5b --types
-Q4_0,IQ4_NL,Q4_K_S --calib-samples 32`; llama.cpp from the vendored source of
+Q4_0,IQ4_NL,Q4_K_M --calib-samples 32`; llama.cpp from the vendored source of
 `llama-cpp-python==0.3.36` (`bench/peers/build_llamacpp.sh`; the Python engine: `pip install 'lmpress[llamacpp]'`).
 Every file starts from the same float weights: llama.cpp's rows quantize an F32 GGUF that lmpress's `write_gguf`
 wrote (all tensors F32), with `llama-quantize F32.gguf out.gguf TYPE`: TYPE is a llama-quantize file type and
