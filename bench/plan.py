@@ -187,6 +187,7 @@ def report(rows: dict, args) -> str:
              f"`flock /tmp/lmpress-heavy.lock python bench/plan.py --calib {args.calib} --holdout {args.holdout} "
              f"--recipes {args.recipes}" + (f" --targets {' '.join(map(str, args.targets))}" if getattr(args, "targets", None) else "")
              + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "")
+             + (f" --gguf-exclude {','.join(args.gguf_exclude)}" if getattr(args, "gguf_exclude", None) else "")
              + (" --fisher" if getattr(args, "fisher", False) else "")
              + (f" --depth {' '.join(map(str, args.depth))}" if getattr(args, "depth", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
              f"GPTQ (act-order, clip search, asymmetric) on {args.calib} x 512 calibration tokens for every row; KL, "
@@ -227,8 +228,11 @@ def report(rows: dict, args) -> str:
     lines += [f"Time: first plan {first['plan_seconds']:.0f} s before confirmation (fisher {ms.get('fisher', 0):.0f} s, "
               f"kl estimator {ms.get('kl', 0):.0f} s, measured recipes {ms.get('recipes', 0):.0f} s); one GPTQ run "
               f"{min(gptq):.0f} s" + (f" (plan / GPTQ = {first['plan_seconds'] / min(gptq):.1f}x)" if gptq else "")
-              + (f"; re-plan for a new target from the cached sensitivities {max(cached):.1f} s (at most) before its "
-                 "confirmation, which compresses with GPTQ again" if cached else "") + ".", ""]
+              + ("; a re-plan for a new target from the cached sensitivities takes, before its confirmation (which "
+                 "compresses with GPTQ again): " + ", ".join(f"{k} {v['plan_seconds']:.1f} s (commit {v.get('commit', '?')})"
+                                                            for k, v in plans.items() if v["cached"])
+                 + " (a re-plan evaluated the original model until commit eb46406, which keeps its figures in the cache; "
+                 "the first re-plan after that fills them in)" if cached else "") + ".", ""]
     if any(k.endswith("fisher estimator") for k in rows):  # its first plan would measure only these parts
         alone = ms.get("fisher", 0) + ms.get("recipes", 0)
         lines += [f"A first plan with the fisher estimator alone measures the fisher scores and the recipes only: "
