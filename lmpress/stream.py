@@ -235,7 +235,6 @@ class BlockStream:
         self.seconds: dict[int, float] = {}  # wall time of each block: read, calibrate, compress, write
         self.embed = model.get_input_embeddings()
         self.embed_name = next(n for n, m in model.named_modules() if m is self.embed)
-        _heap_returns_large_blocks()
 
     def resume(self):
         start, inputs = self.out.resume_point() if self.out else (0, None)
@@ -458,42 +457,16 @@ class OutputShards:
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-MMAP_THRESHOLD = 1 << 20
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _heap_returns_large_blocks() -> bool:
-    """Have glibc serve every allocation of at least :data:`MMAP_THRESHOLD` bytes (a batch's hidden
-    states, MLP activations, a sweep's temporaries) by its own mapping, returned to the system when
-    freed. By default glibc raises that threshold after the first large free, and a block's passes
-    then leave their freed temporaries in the heap: measured on the default model (GPTQ, 8 x 512
-    tokens), a streamed run's peak RSS went from 0.63-0.72 GiB to 0.55 GiB with this. Process-wide and
-    kept (glibc has no way to restore its adaptive threshold); False where there is no glibc."""
-    libc = _libc()
-    try:
-        return bool(libc is not None and libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-    except AttributeError:
-        return False
-
-
 def _return_freed_memory() -> None:
     """Hand the heap memory freed with a block back to the system (glibc keeps freed blocks of the
     sizes a GPTQ sweep allocates in its arenas: without this the resident size grew by about one
     block every block). A no-op where there is no glibc."""
-    libc = _libc()
+    import ctypes
+    import ctypes.util
+
     try:
-        if libc is not None:
-            libc.malloc_trim(0)
-    except AttributeError:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
         pass
 
 
