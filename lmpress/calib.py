@@ -32,6 +32,12 @@ from torch import nn
 from . import arch
 
 
+# rows per batch of a block pass: a pass's transient activations (attention scores, the MLP's wide
+# intermediates) grow with it, while 2 x 512 tokens already fill the matrix products. Streamed GPTQ
+# of the default model with 128 x 512 tokens peaks at 0.73 GiB with 2 against 0.83 GiB with 8
+# (bench/profile_stream_memory.py --blocks 6 --threads 2). The batches fix the summation order of the
+# statistics, so the in-memory and streamed paths use the same ones.
+PASS_BATCH = 2
 CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a method's ``calib_dtype`` field
 
 
@@ -270,7 +276,8 @@ class BlockSource(Protocol):
     ``lmpress_blocks`` attribute, it materialises each block before its turn and writes and frees it
     after, so :func:`walk_blocks` holds one block at a time."""
 
-    def resume(self) -> tuple[int, list[torch.Tensor] | None]: ...  # first block to run, its inputs (None: capture)
+    # first block to run, its inputs (None: capture); ``ids``: the token ids the capture will embed (None: no capture)
+    def resume(self, ids: torch.Tensor | None = None) -> tuple[int, list[torch.Tensor] | None]: ...
     def captured(self) -> None: ...  # block 0's inputs are captured: the embedding may go
     def load(self, i: int) -> None: ...
     def release(self, i: int, next_inputs: list[torch.Tensor] | None) -> None: ...  # None: no calibration pass
@@ -309,7 +316,7 @@ def walk_blocks(
     calib: torch.Tensor,
     fn: Callable[[BlockContext], None],
     *,
-    batch_size: int = 8,
+    batch_size: int = PASS_BATCH,
     progress: bool | str = True,
     blocks_to_visit: Iterable[int] | None = None,
     dtype: torch.dtype | None = None,
@@ -333,7 +340,7 @@ def walk_blocks(
     if world > 1:
         calib = rank_share(calib, batch_size, rank, world)
     source = block_source(model)
-    start, inputs = source.resume() if source else (0, None)
+    start, inputs = source.resume(calib) if source else (0, None)
     if start and inputs is None:
         from .errors import InputError
 

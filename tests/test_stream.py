@@ -156,6 +156,30 @@ def test_bf16_shards_of_an_untied_model_stream_like_a_float32_load(tmp_path, mon
     assert _tensors(tmp_path / "mem") == _tensors(tmp_path / "st")
 
 
+def test_capture_reads_only_the_embedding_rows_of_the_calibration_tokens(tmp_path, monkeypatch):
+    """The embedding is read for block 0's capture as the rows of the tokens given (runs of adjacent rows
+    split at ROWS), converted as a whole read converts them; the other rows are zeros no one reads.
+    Without ids (a method with no calibration pass) it is not read at all."""
+    from lmpress import stream
+
+    monkeypatch.setattr(stream, "ROWS", 2)
+    model = _model(layers=1).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 200], [5, 0, 255, 254, 17, 17]])
+    full = model.get_input_embeddings().weight.detach().float()
+    for given in (ids, None):
+        skel = stream.skeleton(tmp_path / "src")
+        source = stream.BlockStream(skel, stream.Shards(tmp_path / "src"), None)
+        assert source.resume(given) == (0, None)
+        w = skel.get_input_embeddings().weight
+        if given is None:
+            assert w.is_meta
+            continue
+        used = torch.zeros(full.shape[0], dtype=torch.bool)
+        used[ids.unique()] = True
+        assert torch.equal(w[used], full[used]) and not w[~used].any()
+
+
 @pytest.mark.parametrize("name", ["gptq", "rtn"])  # rtn: no calibration pass, no checkpointed hidden states
 def test_resume_after_interrupt_gives_identical_bytes(src, tmp_path, monkeypatch, name):
     from lmpress import stream

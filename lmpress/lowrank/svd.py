@@ -170,8 +170,8 @@ def _second_moment() -> stats.InputStats:
     return stats.InputStats("xtx", "abs", dtype=torch.float64)
 
 
-def walk_groups(model, calib, visit: Callable[[str, list[str], dict, stats.InputStats], None], *, batch_size=8,
-                progress=True, label="blocks"):
+def walk_groups(model, calib, visit: Callable[[str, list[str], dict, stats.InputStats], None], *, progress=True,
+                label="blocks"):
     """Walk the blocks; per group of target linears sharing an input (execution order), collect the
     group's input statistics (``xtx``, ``abs``) with the current (possibly already changed) block and
     call ``visit(block_name, names, linears, st)``. ``visit`` may replace the group's layers.
@@ -189,7 +189,7 @@ def walk_groups(model, calib, visit: Callable[[str, list[str], dict, stats.Input
                 continue
             visit(ctx.name, names, linears, stats.collect(ctx, names, _second_moment)[names[0]])
 
-    walk_blocks(model, calib, fn, batch_size=batch_size, progress=label if progress else False)
+    walk_blocks(model, calib, fn, progress=label if progress else False)
 
 
 def _is_dense(block: nn.Module, name: str, m: nn.Module) -> bool:

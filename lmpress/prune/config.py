@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calib import resolve_calib_dtype
+from ..calib import PASS_BATCH, resolve_calib_dtype
 from . import masks
 
 ALLOCATIONS = ("uniform", "owl", "sensitivity")
@@ -58,7 +58,7 @@ class CalibratedPruneConfig(PruneConfig):
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     sequential: bool = False
-    batch_size: int = 8
+    batch_size: int = PASS_BATCH  # rows per block-pass batch (lmpress.calib)
     calib_dtype: str = "auto"  # resolved when the config is made: bfloat16 on CPUs with bf16 units, else float32
 
     def __post_init__(self):
