@@ -192,6 +192,23 @@ def test_blocked_gram_equals_the_plain_product(dtype):
     assert torch.equal(gram(x), (x.T @ x).float())
 
 
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("split", [16, 1024])
+def test_gram_added_in_place_has_the_bits_of_adding_the_product(acc_dtype, split):
+    """InputStats sums X^T X batch by batch in place: the same bits as adding each batch's product."""
+    from lmpress.stats import InputStats, gram
+
+    x, acc = torch.randn(300, 70), torch.randn(70, 70).to(acc_dtype)
+    want = acc.clone().add_(gram(x, min_split=split).to(acc_dtype))
+    got = gram(x, min_split=split, add_to=acc)
+    assert got is acc and torch.equal(got, want)
+    st = InputStats("xtx", dtype=acc_dtype)
+    for xb in x.split(64):
+        st(xb)
+    ref = sum((gram(xb).to(acc_dtype) for xb in x.split(64)[1:]), gram(x.split(64)[0]).to(acc_dtype))
+    assert torch.equal(st.xtx, ref)
+
+
 @pytest.mark.parametrize("bits, group, sym", [(4, 64, False), (3, -1, True), (2, 128, False)])
 @pytest.mark.parametrize("clip", [True, False])
 def test_gptq_grid_params_by_row_slices_equal_the_whole(bits, group, sym, clip):
