@@ -176,8 +176,10 @@ def gptq_solve(W: Tensor, hinv: InverseHessian, spec: GridSpec, *, block_size: i
             sweep_columns(W1, U1, NONE, S1, Z1, Q1, E1, c0, c1, maxq, kernel)
         Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
-    inv = torch.argsort(perm)
-    return Q[:, inv].to(torch.uint8), s_all, z_all
+    del W
+    q = Q.to(torch.uint8)  # codes are whole numbers: the same codes, a quarter of the bytes to unpermute
+    del Q
+    return q[:, torch.argsort(perm)], s_all, z_all
 
 
 def gptq_solve_ggml(W: Tensor, hinv: InverseHessian, gtype: str, importance: Tensor, *, block_size: int = 128):
@@ -226,6 +228,11 @@ def gptq_solve_ggml(W: Tensor, hinv: InverseHessian, gtype: str, importance: Ten
         params = {k: torch.cat(v, dim=1) for k, v in parts.items()}
     q = Q[:, torch.argsort(perm)].to(torch.uint8)
     return ggml.BlockQuant(gtype, q, **params)
+
+
+def _stacked(ws: list[Tensor]) -> Tensor:
+    """The rows of ``ws`` stacked; one tensor as it is (the solver copies it anyway: no second copy)."""
+    return ws[0] if len(ws) == 1 else torch.cat(ws)
 
 
 def _solve_ggml(W: Tensor, hinv: InverseHessian, gtype: str, H: Tensor, cfg: GPTQConfig):
@@ -291,7 +298,7 @@ def gptq_(model, cfg: GPTQConfig, ctx) -> dict:
             hinv = inverse_hessian(H, cfg.damp, cfg.act_order)
             # layers reading one input share H: GPTQ treats rows independently, so one solve over
             # their stacked rows gives each layer's exact result with one factorization and loop
-            return {spec: gptq_solve(torch.cat([Ws[n] for n in ns]), hinv, spec, block_size=cfg.block_size,
+            return {spec: gptq_solve(_stacked([Ws[n] for n in ns]), hinv, spec, block_size=cfg.block_size,
                                      clip_search=cfg.clip_search, kernel=kernel) for spec, ns in by_spec.items()}, hinv.damp
 
     def apply_group(bctx, by_spec, H, solved, damp):
