@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=None, help="the default model cut to its first K blocks")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None, help="another model folder (e.g. bench/scale.py's Qwen2-1.5B shapes)")
+    ap.add_argument("--by-block", action="store_true", help="the stages of each block apart")
     ap.add_argument("--out", default="/tmp/lmpress-stream-memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,7 +48,7 @@ def main() -> None:
 
     if args.batch:
         C.walk_blocks.__kwdefaults__["batch_size"] = args.batch
-    stage, peaks = ["start"], {}
+    stage, peaks, block = ["start"], {}, [""]
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -62,11 +63,15 @@ def main() -> None:
         f = getattr(obj, name)
 
         def g(*a, **k):
-            stage[0] = name
+            if name == "load" and args.by_block:  # every stage of each block's turn on its own
+                block[0] = f"block {a[1]:02d}: "
+            elif name == "done":
+                block[0] = ""
+            stage[0] = block[0] + name
             try:
                 return f(*a, **k)
             finally:
-                stage[0] = f"after {name}"
+                stage[0] = f"{block[0]}after {name}"
         setattr(obj, name, g)
 
     for n in ("resume", "captured", "load", "release", "done"):

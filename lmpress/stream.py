@@ -538,7 +538,7 @@ def _save_hidden(xs: list[torch.Tensor], folder: Path) -> None:
     for k, x in enumerate(xs):
         x = x.contiguous()
         with open(tmp / f"{k}.bin", "wb") as f:
-            f.write(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+            f.write(x.reshape(-1).view(torch.uint8).numpy() if x.numel() else b"")  # from the tensor's own memory, no copy
         meta.append({"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")})
     (tmp / "meta.json").write_text(json.dumps(meta))
     old = folder.with_name(folder.name + ".old")
