@@ -16,6 +16,7 @@ the float model; only the allocation differs. Sizes are block-linear bits per we
     flock /tmp/lmpress-heavy.lock python bench/plan.py             # writes the 'plan' section
     python bench/plan.py --calib 8 --targets 4.5 --no-write        # a quick look
     python bench/plan.py --targets --no-q4km --gguf Q4_K_M         # GGUF: llama.cpp's rule vs a GGUF plan
+    python bench/plan.py --targets --no-q4km --budgets kl=0.02 ppl=+5%   # confirmed plans for accuracy budgets
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def plan_row(model, tok, target, data, cfg, out, progress) -> dict:
             "wall": time.perf_counter() - t0, "estimators": res["estimators"], "estimator": res["estimator"],
             "measure_seconds": res["seconds"]["measure"], "uniform": [r for r in res["recipes"] if r["name"].startswith("uniform")],
             "choice": last["choice"], "original_ppl": res["original"]["perplexity"]}
+
+
+def budget_row(model, tok, budget, data, cfg, out, progress) -> dict:
+    """One plan for an accuracy budget alone (the smallest model within it), with every confirmation round."""
+    import lmpress
+
+    t0 = time.perf_counter()
+    res = lmpress.plan(model, tokenizer=tok, budget=budget, data=data, config=cfg, out=out, progress=progress,
+                       overwrite=True)
+    keep = ("kl_limit", "predicted_kl", "bits", "kl", "perplexity", "top1", "met", "note", "compress_seconds")
+    return {"budget": budget, "met": res["met"], "plan_seconds": res["seconds"]["plan"], "cached": res["seconds"]["cached"],
+            "wall": time.perf_counter() - t0, "original_ppl": res["original"]["perplexity"],
+            "rounds": [{k: r[k] for k in keep if k in r} for r in res["rounds"]]}
 
 
 def _time_left(args, minutes: float = 0) -> bool:
@@ -137,6 +151,10 @@ def run(args) -> None:
             depth_rows(res, model, tok, k, calib, stream, data, cfg, tmp, args)
     if args.gguf and _time_left(args):
         gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args)
+    for b in args.budgets:
+        name = f"budget {b}"
+        if res.wanted(name) and _time_left(args):
+            res.record(name, budget_row(model, tok, b, data, cfg, tmp / f"b{len(res.rows)}", args.progress))
     if args.write:
         write_section("plan", report(res.rows, args))
 
@@ -179,6 +197,8 @@ def gguf_rows(res, model, tok, calib, stream, data, cfg, tmp, args) -> None:
 
 
 def report(rows: dict, args) -> str:
+    budgets = {k: v for k, v in rows.items() if "budget" in v}
+    rows = {k: v for k, v in rows.items() if "budget" not in v}
     plans = {k: v for k, v in rows.items() if "estimators" in v}  # rows made by lmpress.plan
     if not plans:
         return "## Plan\n\n(no row measured yet)"
@@ -189,7 +209,8 @@ def report(rows: dict, args) -> str:
              + (f" --gguf {args.gguf}" if getattr(args, "gguf", None) else "")
              + (f" --gguf-exclude {','.join(args.gguf_exclude)}" if getattr(args, "gguf_exclude", None) else "")
              + (" --fisher" if getattr(args, "fisher", False) else "")
-             + (f" --depth {' '.join(map(str, args.depth))}" if getattr(args, "depth", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
+             + (f" --depth {' '.join(map(str, args.depth))}" if getattr(args, "depth", None) else "")
+             + (f" --budgets {' '.join(args.budgets)}" if getattr(args, "budgets", None) else "") + f"`; {environment()}. Default model (SmolLM2-135M-Instruct), built-in corpus; "
              f"GPTQ (act-order, clip search, asymmetric) on {args.calib} x 512 calibration tokens for every row; KL, "
              "perplexity and top-1 on the 4,096 evaluation tokens (context 512) against the float model "
              f"(perplexity {first['original_ppl']:.3f}). Sensitivities: held-out calibration slice of {args.holdout} x 512 "
@@ -245,7 +266,26 @@ def report(rows: dict, args) -> str:
             lines += [f"- {k}: {v['plan_seconds']:.0f} s before confirmation (fisher {m.get('fisher', 0):.0f} s, kl estimator "
                       f"{m.get('kl', 0):.0f} s, measured recipes {m.get('recipes', 0):.0f} s); estimator used: {v['estimator']} "
                       "(Spearman " + ", ".join(f"{e} {q['spearman']:.3f}" for e, q in v["estimators"].items()) + ")."]
+    if budgets:
+        lines += ["", *budget_report(budgets)]
     return "\n".join(lines)
+
+
+def budget_report(budgets: dict) -> list[str]:
+    """The accuracy budgets: each plan's confirmation rounds and whether the last one met the budget."""
+    rows = []
+    for v in budgets.values():
+        for i, r in enumerate(v["rounds"]):
+            rows.append([v["budget"] if i == 0 else "", str(i + 1), f"{r['kl_limit']:.4g}", f"{r['predicted_kl']:.4f}",
+                         f"{r['bits']:.3f}", f"{r['kl']:.4f}",
+                         f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / v['original_ppl'] - 1):+.1f}%)",
+                         "yes" if r["met"] else "no" + (f": {r['note']}" if r.get("note") else "")])
+    met = sum(v["met"] for v in budgets.values())
+    return [f"Accuracy budgets alone (the smallest plan within each; confirmed by compressing with GPTQ and evaluating "
+            f"as above; a missed budget tightens the predicted-KL limit and re-solves, at most 3 rounds): "
+            f"**{met} of {len(budgets)} met**. Re-plans from the cached sensitivities took "
+            + ", ".join(f"{v['plan_seconds']:.1f}" for v in budgets.values() if v["cached"]) + " s before confirmation.", "",
+            md_table(["budget", "round", "predicted-KL limit", "predicted KL", "bits/weight", "KL", "perplexity", "met"], rows)]
 
 
 def _rows(rows: dict) -> list:
@@ -289,6 +329,8 @@ def main():
                     help="also llama.cpp's rule for this file type (e.g. Q4_K_M) against a GGUF plan at its bits")
     ap.add_argument("--gguf-exclude", type=lambda t: tuple(t.split(",")), default=(), metavar="T1,T2",
                     help="block types the GGUF plan may not choose (the row's name says so)")
+    ap.add_argument("--budgets", nargs="*", default=[], metavar="B",
+                    help="accuracy budgets planned alone and confirmed (kl=0.05, ppl=+5%%), after the other rows")
     ap.add_argument("--json", default=str(Path.home() / ".cache" / "lmpress" / "bench" / "plan.json"), help="finished rows (resume)")
     ap.add_argument("--cache", default=None, help="sensitivity cache folder (default ~/.cache/lmpress/plan)")
     ap.add_argument("--fresh", action="store_true")
