@@ -251,12 +251,12 @@ def _common():
     return mod
 
 
-def render(res: dict) -> str:
+def render(res: dict, note: str = "") -> str:
     environment = _common().environment
     lines = ["## Scale: models larger than memory (streaming, block by block)", "",
              f"`python bench/scale.py --part default`, `--part big`, then `--write`; {environment()}. "
-             "Peak RSS is the process's ru_maxrss; times are wall clock with other agents' jobs running at the same time "
-             "(2 shared cores), so they are upper bounds.", ""]
+             "Peak RSS is the process's ru_maxrss; times are wall clock with other jobs running at the same time "
+             "(2 shared cores), so they are upper bounds." + (f" {note}" if note else ""), ""]
     d = res.get("default")
     if d:
         gi = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -280,8 +280,9 @@ def render(res: dict) -> str:
             if r.get("cgroup_cap") else f"no cgroup could be made: budget {b['cap'] / GiB:.0f} GiB only measured"
         lines += [f"**Qwen2-1.5B shapes, random bf16 weights** ({b['blocks']} blocks, {b['disk_in'] / 1e9:.2f} GB on disk in bf16, "
                   f"{2 * b['disk_in'] / 1e9:.1f} GB in float32), GPTQ W4 g64 streamed under a {cap}; "
-                  f"**{b['calib_samples']} x 512 calibration tokens** (fewer than the 64 x 512 asked, to keep the run "
-                  "near 20 minutes on 2 shared cores):", "",
+                  f"**{b['calib_samples']} x 512 calibration tokens**"
+                  + (" (fewer than the 64 x 512 asked, to keep the run short on 2 shared cores)" if b["calib_samples"] < 64 else "")
+                  + ":", "",
                   "| part | size |", "|---|---|",
                   f"| process baseline (imports, tokenizer, calibration ids; measured) | {p and b['baseline_rss'] / GiB:.2f} GiB |",
                   f"| largest block in float32 | {p['block_f32'] / GiB:.2f} GiB |",
@@ -309,6 +310,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=28, help="big part: decoder blocks of the written model")
     ap.add_argument("--cap", default="3GiB", help="big part: memory cap (cgroup) and --max-memory")
     ap.add_argument("--work", default="/tmp/lmpress-scale", help="where models and outputs are written")
+    ap.add_argument("--note", default="", help="with --write: a sentence on what ran beside the parts")
     ap.add_argument("--write", action="store_true", help="write the 'scale' section of BENCHMARKS.md from the results")
     args = ap.parse_args()
     if args.child:
@@ -329,7 +331,7 @@ def main() -> None:
         RESULTS.write_text(json.dumps(res, indent=1, sort_keys=True))
         print(json.dumps(res, indent=1, sort_keys=True))
     if args.write:
-        _common().write_section("scale", render(res))
+        _common().write_section("scale", render(res, args.note))
 
 
 if __name__ == "__main__":
