@@ -160,25 +160,29 @@ def _header(file: Path) -> tuple[dict, int]:
             raise InputError(f"{file} is not a readable safetensors file ({e}); it is corrupt, re-save it") from None
 
 
+def _read_exactly(f, dst: torch.Tensor) -> None:
+    """Fill the contiguous ``dst`` from ``f``'s position; a clear error when the file ends first."""
+    if f.readinto(dst.reshape(-1).view(torch.uint8).numpy()) != dst.numel() * dst.element_size():
+        raise InputError(f"{f.name} is truncated; the download or save did not finish: fetch or save it again")
+
+
 def _read_tensor(f, base: int, entry: dict, dtype: torch.dtype) -> torch.Tensor:
     """One tensor in ``dtype`` (floating point; others as stored), read ``ROWS`` rows at a time."""
     if entry["dtype"] not in DTYPES:
         raise InputError(f"tensor dtype {entry['dtype']} is not one lmpress streams ({', '.join(DTYPES)})")
     stored = DTYPES[entry["dtype"]]
     dtype = dtype if stored.is_floating_point else stored
-    shape, (a, b) = entry["shape"], entry["data_offsets"]
+    shape, a = entry["shape"], entry["data_offsets"][0]
     out = torch.empty(shape, dtype=dtype)
     if out.numel() == 0:
         return out
     rows = out.view(shape[0], -1) if shape else out.view(1, 1)  # (rows, row elements)
-    per_row = (b - a) // rows.shape[0]
     f.seek(base + a)
     for r in range(0, rows.shape[0], ROWS):
         k = min(ROWS, rows.shape[0] - r)
         same = stored == dtype
         dst = rows[r : r + k] if same else torch.empty((k, rows.shape[1]), dtype=stored)  # contiguous either way
-        if f.readinto(dst.reshape(-1).view(torch.uint8).numpy()) != k * per_row:
-            raise InputError(f"{f.name} is truncated; the download or save did not finish: fetch or save it again")
+        _read_exactly(f, dst)
         if not same:
             rows[r : r + k] = dst.to(dtype)
     return out
@@ -259,8 +263,7 @@ def _read_rows(f, base: int, entry: dict, rows: list[int]):
             raise InputError(f"token id {rows[j]} is outside the embedding's {n} rows: the tokenizer does not match the model")
         dst = torch.empty((j + 1 - i, entry["shape"][1]), dtype=stored)
         f.seek(base + a + rows[i] * per_row)
-        if f.readinto(dst.reshape(-1).view(torch.uint8).numpy()) != dst.numel() * dst.element_size():
-            raise InputError(f"{f.name} is truncated; the download or save did not finish: fetch or save it again")
+        _read_exactly(f, dst)
         yield from dst.float()
         i = j + 1
 
